@@ -1,0 +1,331 @@
+//! Per-token difficulty signals, each normalised to [0, 1].
+//!
+//! Signals that need the model (entropy, surprisal) are computed from logits the caller already
+//! has: the core never runs a scoring pass. Signals from token ids (novelty, rarity) and the
+//! positional prior need no model at all.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use rayon::prelude::*;
+
+use crate::error::{CoreError, Result};
+
+/// Normalised predictive entropy H(softmax(row)) / ln V of each row of a `[rows, vocab]` matrix.
+///
+/// `-inf` logits are allowed (masked tokens); NaN and `+inf` are errors.
+pub fn entropy_from_logits(logits: &[f32], vocab: usize) -> Result<Vec<f32>> {
+    let rows = check_logits(logits, vocab)?;
+    let ln_v = (vocab as f64).ln();
+    let out = (0..rows)
+        .into_par_iter()
+        .map(|r| {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let lse = log_sum_exp(row);
+            let h: f64 = row
+                .iter()
+                .map(|&x| {
+                    let lp = x as f64 - lse;
+                    let p = lp.exp();
+                    if p > 0.0 {
+                        -p * lp
+                    } else {
+                        0.0
+                    }
+                })
+                .sum();
+            (h / ln_v).clamp(0.0, 1.0) as f32
+        })
+        .collect();
+    Ok(out)
+}
+
+/// Normalised surprisal min(1, −ln softmax(row)[id] / ln V) of `ids[r]` under row r.
+pub fn surprisal_from_logits(logits: &[f32], vocab: usize, ids: &[i64]) -> Result<Vec<f32>> {
+    let rows = check_logits(logits, vocab)?;
+    if ids.len() != rows {
+        return Err(CoreError::input(
+            "token_ids",
+            format!("has {} ids but logits have {rows} rows", ids.len()),
+        ));
+    }
+    if let Some(i) = ids.iter().position(|&t| t < 0 || t as u64 >= vocab as u64) {
+        return Err(CoreError::input(
+            "token_ids",
+            format!(
+                "id {} at index {i} is outside the vocabulary [0, {vocab})",
+                ids[i]
+            ),
+        ));
+    }
+    let ln_v = (vocab as f64).ln();
+    let out = (0..rows)
+        .into_par_iter()
+        .map(|r| {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let s = log_sum_exp(row) - row[ids[r] as usize] as f64;
+            (s / ln_v).clamp(0.0, 1.0) as f32
+        })
+        .collect();
+    Ok(out)
+}
+
+fn check_logits(logits: &[f32], vocab: usize) -> Result<usize> {
+    if vocab < 2 {
+        return Err(CoreError::input(
+            "logits",
+            format!("vocabulary size {vocab} < 2"),
+        ));
+    }
+    if logits.is_empty() || logits.len() % vocab != 0 {
+        return Err(CoreError::input(
+            "logits",
+            format!(
+                "length {} is not a positive multiple of vocab {vocab}",
+                logits.len()
+            ),
+        ));
+    }
+    if let Some(i) = logits
+        .iter()
+        .position(|x| x.is_nan() || *x == f32::INFINITY)
+    {
+        return Err(CoreError::input(
+            "logits",
+            format!(
+                "value {} at row {}, column {} (NaN and +inf are not allowed)",
+                logits[i],
+                i / vocab,
+                i % vocab
+            ),
+        ));
+    }
+    let rows = logits.len() / vocab;
+    if let Some(r) = (0..rows).find(|r| {
+        logits[r * vocab..(r + 1) * vocab]
+            .iter()
+            .all(|x| *x == f32::NEG_INFINITY)
+    }) {
+        return Err(CoreError::input(
+            "logits",
+            format!("row {r} is entirely -inf"),
+        ));
+    }
+    Ok(rows)
+}
+
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Token rarity from unigram counts: min-max normalised −ln((c + 1) / (Σc + V)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RarityTable {
+    values: Vec<f32>,
+}
+
+impl RarityTable {
+    /// Builds the table from non-negative finite counts, one per vocabulary id.
+    pub fn from_counts(counts: &[f64]) -> Result<Self> {
+        if counts.is_empty() {
+            return Err(CoreError::input("unigram_counts", "is empty"));
+        }
+        if let Some(i) = counts.iter().position(|c| !c.is_finite() || *c < 0.0) {
+            return Err(CoreError::input(
+                "unigram_counts",
+                format!("value {} at index {i} is not finite and >= 0", counts[i]),
+            ));
+        }
+        let total: f64 = counts.iter().sum::<f64>() + counts.len() as f64;
+        let s: Vec<f64> = counts.iter().map(|c| -((c + 1.0) / total).ln()).collect();
+        let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let span = hi - lo;
+        let values = s
+            .iter()
+            .map(|v| {
+                if span > 0.0 {
+                    ((v - lo) / span) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Self { values })
+    }
+
+    /// Vocabulary size of the table.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True if the table is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Rarity of `id`; ids outside the table are an error naming `token_ids`.
+    pub fn get(&self, id: i64) -> Result<f32> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.values.get(i).copied())
+            .ok_or_else(|| {
+                CoreError::input(
+                    "token_ids",
+                    format!(
+                        "id {id} is outside the unigram table of size {}",
+                        self.values.len()
+                    ),
+                )
+            })
+    }
+}
+
+/// Positional prior exp(−p / τ): early tokens of a sequence count as harder.
+pub fn position_prior(position: usize, tau: f64) -> f32 {
+    (-(position as f64) / tau).exp() as f32
+}
+
+/// Probe normalisation x / (x + scale) for a non-negative probe value.
+pub fn probe_norm(x: f32, scale: f64) -> f32 {
+    (x as f64 / (x as f64 + scale)) as f32
+}
+
+/// A hasher that passes an already-mixed u64 through (keys are n-gram hashes).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    // splitmix64 finaliser
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Streaming n-gram novelty: is the n-gram ending at this token absent from the last `window`
+/// positions? Exact up to 64-bit hash collisions of distinct n-grams.
+#[derive(Debug, Clone)]
+pub struct NoveltyTracker {
+    n: usize,
+    window: usize,
+    /// The last n ids (ring buffer, oldest first once full).
+    recent: Vec<i64>,
+    /// n-gram hash -> last position at which it ended.
+    last_seen: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    pos: usize,
+}
+
+impl NoveltyTracker {
+    /// A tracker for n-grams of length `n` over a rolling `window` of positions.
+    pub fn new(n: usize, window: usize) -> Self {
+        Self {
+            n,
+            window,
+            recent: Vec::with_capacity(n),
+            last_seen: HashMap::default(),
+            pos: 0,
+        }
+    }
+
+    /// Feeds the next token; returns 1.0 if its n-gram is novel in the window, else 0.0.
+    pub fn push(&mut self, id: i64) -> f32 {
+        if self.recent.len() == self.n {
+            self.recent.remove(0);
+        }
+        self.recent.push(id);
+        let mut h = mix(self.recent.len() as u64);
+        for &t in &self.recent {
+            h = mix(h ^ (t as u64));
+        }
+        let t = self.pos;
+        let novel = match self.last_seen.insert(h, t) {
+            Some(u) => u + self.window < t,
+            None => true,
+        };
+        self.pos += 1;
+        if self.pos % (4 * self.window) == 0 {
+            let (w, now) = (self.window, self.pos);
+            self.last_seen.retain(|_, u| *u + w >= now);
+        }
+        if novel {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entropy_of_uniform_is_one_and_of_peaked_is_small() {
+        let e = entropy_from_logits(&[0.0, 0.0, 0.0, 0.0, 30.0, 0.0, 0.0, 0.0], 4).unwrap();
+        assert!((e[0] - 1.0).abs() < 1e-6);
+        assert!(e[1] < 1e-6);
+    }
+
+    #[test]
+    fn surprisal_matches_formula() {
+        let s = surprisal_from_logits(&[0.0, 0.0, 0.0, 0.0], 4, &[2]).unwrap();
+        assert!((s[0] - 1.0).abs() < 1e-6); // -ln(1/4)/ln 4 = 1
+        let s = surprisal_from_logits(&[1.0, 0.0], 2, &[0]).unwrap();
+        let want = -(1.0f64.exp() / (1.0f64.exp() + 1.0)).ln() / 2f64.ln();
+        assert!((s[0] as f64 - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logits_errors() {
+        assert_eq!(
+            entropy_from_logits(&[f32::NAN, 0.0], 2)
+                .unwrap_err()
+                .param(),
+            "logits"
+        );
+        assert!(entropy_from_logits(&[0.0, 0.0, 0.0], 2).is_err());
+        assert!(entropy_from_logits(&[f32::NEG_INFINITY, f32::NEG_INFINITY], 2).is_err());
+        assert_eq!(
+            surprisal_from_logits(&[0.0, 0.0], 2, &[5])
+                .unwrap_err()
+                .param(),
+            "token_ids"
+        );
+    }
+
+    #[test]
+    fn novelty_repeats_within_window() {
+        let mut t = NoveltyTracker::new(2, 3);
+        let out: Vec<f32> = [1, 2, 1, 2, 9, 9, 9, 9, 1, 2]
+            .iter()
+            .map(|&i| t.push(i))
+            .collect();
+        // grams: [1] [1,2] [2,1] [1,2]* [2,9] [9,9] [9,9]* [9,9]* [9,1] [1,2](last at 3, 9-3>3)
+        assert_eq!(out, vec![1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn rarity_is_normalised() {
+        let r = RarityTable::from_counts(&[100.0, 0.0, 10.0]).unwrap();
+        assert_eq!(r.get(0).unwrap(), 0.0);
+        assert_eq!(r.get(1).unwrap(), 1.0);
+        assert!(r.get(3).is_err());
+        assert!(RarityTable::from_counts(&[-1.0]).is_err());
+    }
+}
