@@ -51,7 +51,7 @@ impl Segmenter {
         let mut t = t_len;
         let mut offsets = vec![t_len];
         if !self.best[t_len].is_finite() {
-            let lo = t_len.saturating_sub(min_len - 1).max(0);
+            let lo = t_len.saturating_sub(min_len - 1);
             let (_, s) = self
                 .best_start(t_len, lo, t_len - 1, penalty)
                 .unwrap_or((0.0, 0));

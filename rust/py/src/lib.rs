@@ -1,1 +1,24 @@
-//! placeholder
+//! `chunkwise._core`: thin PyO3 bindings over `chunkwise-core`.
+//!
+//! Arrays cross without copies (numpy slices in, `Vec`s moved into numpy arrays out); the work
+//! runs with the GIL released; core errors become `chunkwise.errors` exceptions.
+
+mod arrays;
+mod config;
+mod decoder;
+mod errors;
+mod scheduler;
+mod signals;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<config::Config>()?;
+    m.add_class::<scheduler::Scheduler>()?;
+    m.add_class::<decoder::DecodeBatch>()?;
+    m.add_function(wrap_pyfunction!(signals::entropy_from_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(signals::surprisal_from_logits, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
