@@ -1,0 +1,50 @@
+# Developer interface of chunkwise. `make help` lists the targets.
+PY ?= python3
+
+.PHONY: help build-dev build test test-rust lint fmt bench bench-save bench-compare demo ci clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+build-dev:  ## editable install (rebuilds the Rust extension)
+	$(PY) -m pip install -e ".[test]"
+
+build:  ## release wheel into target/wheels (abi3, cp311+)
+	maturin build --release
+
+test:  ## Python tests, then Rust tests
+	$(PY) -m pytest
+	cargo test --workspace
+
+test-rust:  ## Rust tests only
+	cargo test --workspace
+
+lint:  ## clippy, rustfmt, ruff
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo fmt --all -- --check
+	ruff check python tests benches
+	ruff format --check python tests benches
+
+fmt:  ## format Rust and Python
+	cargo fmt --all
+	ruff format python tests benches
+	ruff check --fix python tests benches
+
+bench:  ## benchmarks, compared with the saved baseline of this machine kind
+	$(PY) -m pytest benches/ --benchmark-only
+
+bench-save:  ## run benchmarks and save a new baseline under .benchmarks/
+	$(PY) -m pytest benches/ --benchmark-only --benchmark-autosave
+
+bench-compare:  ## compare against the latest saved baseline
+	$(PY) -m pytest benches/ --benchmark-only --benchmark-compare
+
+demo:  ## the README's main job
+	chunkwise demo
+
+ci:  ## what CI runs
+	bash .ci/run
+
+clean:
+	cargo clean
+	rm -rf build dist .pytest_cache .ruff_cache .hypothesis
