@@ -31,7 +31,10 @@ class SchedulerConfig:
             (default ``j / len(rungs)``). A chunk's rung is ``#{j: D > thresholds[j]}``.
         quantiles: cumulative token shares for ``mode="quantile"`` (default equal shares).
         target_mean_rank: the token-weighted mean rank for ``mode="target"``.
-        min_len, max_len: chunk length bounds in tokens.
+        min_len, max_len: chunk length bounds in tokens (multiples of ``granularity``).
+        granularity: chunk boundaries fall on multiples of this many tokens (default 8: kernel
+            tiles see one rank, and the segmentation is 64x cheaper than token-level); 1 gives
+            token-exact boundaries.
         chunk_penalty: cost per chunk in the segmentation (larger: fewer, longer chunks).
         crossfade: tokens of linear cross-fade after each rank change (0 disables; <= min_len).
         hysteresis: decode only: difficulty must cross a threshold by this margin to switch.
@@ -53,6 +56,7 @@ class SchedulerConfig:
     target_mean_rank: float | None = None
     min_len: int = 16
     max_len: int = 128
+    granularity: int = 8
     chunk_penalty: float = 0.5
     crossfade: int = 4
     hysteresis: float = 0.05

@@ -1,6 +1,7 @@
 //! Scheduler configuration and its validation: the single place where parameters are checked.
 
 use crate::error::{CoreError, Result};
+use crate::segment::Bounds;
 
 /// How a chunk's difficulty becomes a rung.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +54,10 @@ pub struct SchedulerConfig {
     pub min_len: usize,
     /// Maximum chunk length in tokens (≥ min_len).
     pub max_len: usize,
+    /// Chunk boundaries fall on multiples of this many tokens (min_len and max_len must be
+    /// multiples of it). 8 keeps kernel tiles rank-homogeneous and makes the DP 64× cheaper
+    /// than token-level boundaries; 1 gives token-exact boundaries.
+    pub granularity: usize,
     /// Cost added per chunk in the segmentation DP (≥ 0): larger means fewer, longer chunks.
     pub chunk_penalty: f64,
     /// Cross-fade width in tokens at each rank change (0 disables; ≤ min_len).
@@ -89,6 +94,7 @@ impl SchedulerConfig {
             mode: RungMode::Threshold,
             min_len: 16,
             max_len: 128,
+            granularity: 8,
             chunk_penalty: 0.5,
             crossfade: 4,
             hysteresis: 0.05,
@@ -187,7 +193,28 @@ impl SchedulerConfig {
         if self.max_len > 1 << 20 {
             return Err(CoreError::config("max_len", "must be <= 1048576"));
         }
+        if self.granularity == 0 || self.granularity > 4096 {
+            return Err(CoreError::config(
+                "granularity",
+                format!("{} is outside [1, 4096]", self.granularity),
+            ));
+        }
+        for (name, v) in [("min_len", self.min_len), ("max_len", self.max_len)] {
+            if v % self.granularity != 0 {
+                return Err(CoreError::config(
+                    name,
+                    format!("{v} is not a multiple of granularity={}", self.granularity),
+                ));
+            }
+        }
         check_nonneg("chunk_penalty", self.chunk_penalty)?;
+        if self.chunk_penalty > 1e12 {
+            // Costs add up over up to 2^31 chunks: keep every total finite.
+            return Err(CoreError::config(
+                "chunk_penalty",
+                format!("{} is larger than 1e12", self.chunk_penalty),
+            ));
+        }
         if self.crossfade > self.min_len {
             return Err(CoreError::config(
                 "crossfade",
@@ -240,6 +267,16 @@ impl SchedulerConfig {
         check_pos("position_tau", self.position_tau)?;
         check_pos("probe_scale", self.probe_scale)?;
         Ok(())
+    }
+
+    /// The chunk-length rules of the segmentation.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            min_len: self.min_len,
+            max_len: self.max_len,
+            granularity: self.granularity,
+            penalty: self.chunk_penalty,
+        }
     }
 
     /// Scale of the rung whose rank is `rank` (0 if the rank is not a rung).
@@ -327,6 +364,12 @@ mod tests {
         let mut c = base.clone();
         c.max_len = 4;
         assert_eq!(c.validate().unwrap_err().param(), "max_len");
+        let mut c = base.clone();
+        c.min_len = 12;
+        assert_eq!(c.validate().unwrap_err().param(), "min_len");
+        let mut c = base.clone();
+        c.granularity = 0;
+        assert_eq!(c.validate().unwrap_err().param(), "granularity");
         let mut c = base.clone();
         c.crossfade = 100;
         assert_eq!(c.validate().unwrap_err().param(), "crossfade");

@@ -65,7 +65,9 @@ impl DecodeSeq {
         let dd = d as f64;
         let next = match self.rung {
             None => Some(rung_of(dd, thresholds)),
-            Some(_) if self.chunk_len < cfg.min_len => None,
+            Some(_) if self.chunk_len < cfg.min_len || self.chunk_len % cfg.granularity != 0 => {
+                None
+            }
             Some(k) => {
                 let h = cfg.hysteresis;
                 let up = thresholds.iter().filter(|&&t| dd > t + h).count();
@@ -227,10 +229,26 @@ impl DecodeBatch {
                 format!("id {} at index {i} is negative", ids[i]),
             ));
         }
-        if let Some(table) = planner.rarity() {
+        if let (Some(table), true) = (planner.rarity(), planner.config().weights.rarity > 0.0) {
             for &id in ids {
                 table.get(id)?;
             }
+        }
+        let lens = [
+            out.rank.len(),
+            out.lo.len(),
+            out.gate_lo.len(),
+            out.gate_hi.len(),
+            out.scale.len(),
+            out.rung.len(),
+            out.difficulty.len(),
+            out.new_chunk.len(),
+        ];
+        if lens.iter().any(|&l| l != b) {
+            return Err(CoreError::state(
+                "out",
+                format!("output buffers have lengths {lens:?}, need {b}"),
+            ));
         }
         validate_signals(&sig, b)?;
         for (i, seq) in self.seqs.iter_mut().enumerate() {

@@ -5,7 +5,7 @@
 
 use crate::config::SchedulerConfig;
 use crate::error::{check_finite, check_unit, CoreError, Result};
-use crate::signals::{position_prior, probe_norm, NoveltyTracker, RarityTable};
+use crate::signals::{probe_norm, NoveltyTracker, PositionPrior, RarityTable};
 
 /// Caller-supplied signals of one token (already normalised to [0, 1], probe ≥ 0).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -18,7 +18,8 @@ pub struct TokenSignals {
 /// Streaming state of the difficulty of one sequence.
 #[derive(Debug, Clone)]
 pub struct DifficultyState {
-    novelty: NoveltyTracker,
+    novelty: Option<NoveltyTracker>,
+    prior: PositionPrior,
     smoothed: Option<f64>,
     pos: usize,
 }
@@ -26,8 +27,11 @@ pub struct DifficultyState {
 impl DifficultyState {
     /// Fresh state for a new sequence.
     pub fn new(cfg: &SchedulerConfig) -> Self {
+        let novelty =
+            (cfg.weights.novelty > 0.0).then(|| NoveltyTracker::new(cfg.ngram, cfg.novelty_window));
         Self {
-            novelty: NoveltyTracker::new(cfg.ngram, cfg.novelty_window),
+            novelty,
+            prior: PositionPrior::new(cfg.position_tau),
             smoothed: None,
             pos: 0,
         }
@@ -64,9 +68,8 @@ impl DifficultyState {
             _ => None,
         };
         add(w.rarity, rare);
-        let novel = self.novelty.push(id);
-        add(w.novelty, Some(novel));
-        add(w.position, Some(position_prior(self.pos, cfg.position_tau)));
+        add(w.novelty, self.novelty.as_mut().map(|n| n.push(id)));
+        add(w.position, Some(self.prior.advance()));
         self.pos += 1;
         let raw = if den > 0.0 { num / den } else { 0.0 };
         let d = match self.smoothed {

@@ -36,23 +36,28 @@ fn sorted_by_difficulty(chunks: &[ChunkStat]) -> Vec<usize> {
     order
 }
 
+/// θ_j = difficulty of the last chunk (sorted by difficulty) whose token midpoint lies at or
+/// below the quantile q_j·N, so each rung gets the chunks whose middle falls in its share.
 fn quantile_thresholds(q: &[f64], chunks: &[ChunkStat]) -> Vec<f64> {
     let order = sorted_by_difficulty(chunks);
     let total: usize = chunks.iter().map(|c| c.len).sum();
-    let mut out = Vec::with_capacity(q.len());
-    let mut k = 0usize;
-    let mut cum = 0usize;
-    for &qj in q {
-        let need = qj * total as f64;
-        while k < order.len() && (cum as f64) < need {
-            cum += chunks[order[k]].len;
-            k += 1;
-        }
-        // k-1 is the first sorted chunk whose inclusive cumulative count reaches q_j·N.
-        let idx = order[k.saturating_sub(1).min(order.len().saturating_sub(1))];
-        out.push(chunks.get(idx).map_or(0.0, |c| c.difficulty));
+    let mut mids = Vec::with_capacity(order.len());
+    let mut before = 0usize;
+    for &i in &order {
+        mids.push(before as f64 + chunks[i].len as f64 / 2.0);
+        before += chunks[i].len;
     }
-    out
+    let lowest = order.first().map_or(0.0, |&i| chunks[i].difficulty);
+    q.iter()
+        .map(|&qj| {
+            let k = mids.partition_point(|&m| m <= qj * total as f64);
+            if k == 0 {
+                lowest - 1.0
+            } else {
+                chunks[order[k - 1]].difficulty
+            }
+        })
+        .collect()
 }
 
 fn mean_rank(cfg: &SchedulerConfig, thresholds: &[f64], chunks: &[ChunkStat]) -> f64 {
@@ -72,13 +77,16 @@ fn target_thresholds(cfg: &SchedulerConfig, target: f64, chunks: &[ChunkStat]) -
         .flat_map(|c| base.iter().map(move |t| c.difficulty - t))
         .collect();
     let lowest = cands.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = cands.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !lowest.is_finite() {
         return base.clone();
     }
+    // Sentinels well clear of rounding: every chunk on the top rung / every chunk on rung 0.
     cands.push(lowest - 1.0);
+    cands.push(highest + 1.0);
     cands.sort_by(f64::total_cmp);
     cands.dedup();
-    // M(δ) is non-increasing in δ and M(last candidate) = rank of rung 0 <= target.
+    // M(δ) is non-increasing in δ and M(highest + 1) = rank of rung 0 <= target.
     let (mut lo, mut hi) = (0usize, cands.len() - 1);
     while lo < hi {
         let mid = (lo + hi) / 2;
@@ -141,6 +149,13 @@ mod tests {
         let th = resolve_thresholds(&cfg, &ch);
         let r: Vec<usize> = ch.iter().map(|c| rung_of(c.difficulty, &th)).collect();
         assert_eq!(r, vec![1, 0, 1, 0]);
+        // Six rungs, six equal chunks: one chunk per rung, the top rung included.
+        let mut cfg = SchedulerConfig::with_rungs(vec![0, 4, 8, 16, 32, 64]);
+        cfg.mode = RungMode::Quantile(crate::config::default_cuts(6));
+        let ch = stats(&[0.6, 0.1, 0.5, 0.3, 0.2, 0.4]);
+        let th = resolve_thresholds(&cfg, &ch);
+        let r: Vec<usize> = ch.iter().map(|c| rung_of(c.difficulty, &th)).collect();
+        assert_eq!(r, vec![5, 0, 4, 2, 1, 3]);
     }
 
     #[test]

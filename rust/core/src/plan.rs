@@ -215,8 +215,7 @@ impl Planner {
             }
         };
         let cfg = &self.cfg;
-        let offsets =
-            Segmenter::default().segment(&difficulty, cfg.min_len, cfg.max_len, cfg.chunk_penalty);
+        let offsets = Segmenter::default().segment(&difficulty, cfg.bounds());
         let stats = offsets
             .windows(2)
             .map(|w| {

@@ -183,9 +183,30 @@ impl RarityTable {
     }
 }
 
-/// Positional prior exp(−p / τ): early tokens of a sequence count as harder.
-pub fn position_prior(position: usize, tau: f64) -> f32 {
-    (-(position as f64) / tau).exp() as f32
+/// Positional prior exp(−p / τ): early tokens of a sequence count as harder. Streams by
+/// multiplying with exp(−1/τ) per token (no `exp` per token).
+#[derive(Debug, Clone)]
+pub struct PositionPrior {
+    value: f64,
+    decay: f64,
+}
+
+impl PositionPrior {
+    /// The prior at position 0 for decay length `tau` (> 0).
+    pub fn new(tau: f64) -> Self {
+        Self {
+            value: 1.0,
+            decay: (-1.0 / tau).exp(),
+        }
+    }
+
+    /// The prior of the current position; advances to the next one.
+    pub fn advance(&mut self) -> f32 {
+        let v = self.value;
+        // Flush to zero well before denormals (they are slow and meaningless here).
+        self.value = if v > 1e-30 { v * self.decay } else { 0.0 };
+        v as f32
+    }
 }
 
 /// Probe normalisation x / (x + scale) for a non-negative probe value.
@@ -220,53 +241,75 @@ fn mix(mut z: u64) -> u64 {
 
 /// Streaming n-gram novelty: is the n-gram ending at this token absent from the last `window`
 /// positions? Exact up to 64-bit hash collisions of distinct n-grams.
+///
+/// Two maps by epoch of `window` tokens: `cur` holds n-grams that ended in this epoch, `prev`
+/// those of the previous one, so every occurrence within the window is in one of them. At an
+/// epoch change `prev` is dropped and `cur` becomes `prev`: no deletions, no tombstones, and
+/// neither map ever holds more than `window` entries.
 #[derive(Debug, Clone)]
 pub struct NoveltyTracker {
     n: usize,
     window: usize,
-    /// The last n ids (ring buffer, oldest first once full).
-    recent: Vec<i64>,
-    /// n-gram hash -> last position at which it ended.
-    last_seen: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    /// The last n ids, ring buffer; `head` is where the next id goes.
+    recent: [i64; MAX_NGRAM],
+    head: usize,
+    cur: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    prev: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
     pos: usize,
+    epoch_end: usize,
 }
 
+/// Largest supported n of the novelty signal.
+pub const MAX_NGRAM: usize = 16;
+
 impl NoveltyTracker {
-    /// A tracker for n-grams of length `n` over a rolling `window` of positions.
+    /// A tracker for n-grams of length `n` (1..=16) over a rolling `window` of positions.
     pub fn new(n: usize, window: usize) -> Self {
+        let n = n.clamp(1, MAX_NGRAM);
+        let window = window.max(1);
+        let cap = window.min(1 << 16);
         Self {
             n,
             window,
-            recent: Vec::with_capacity(n),
-            last_seen: HashMap::default(),
+            recent: [0; MAX_NGRAM],
+            head: 0,
+            cur: HashMap::with_capacity_and_hasher(cap, Default::default()),
+            prev: HashMap::with_capacity_and_hasher(cap, Default::default()),
             pos: 0,
+            epoch_end: window,
         }
     }
 
     /// Feeds the next token; returns 1.0 if its n-gram is novel in the window, else 0.0.
     pub fn push(&mut self, id: i64) -> f32 {
-        if self.recent.len() == self.n {
-            self.recent.remove(0);
-        }
-        self.recent.push(id);
-        let mut h = mix(self.recent.len() as u64);
-        for &t in &self.recent {
-            h = mix(h ^ (t as u64));
-        }
         let t = self.pos;
-        let novel = match self.last_seen.insert(h, t) {
-            Some(u) => u + self.window < t,
-            None => true,
-        };
-        self.pos += 1;
-        if self.pos % (4 * self.window) == 0 {
-            let (w, now) = (self.window, self.pos);
-            self.last_seen.retain(|_, u| *u + w >= now);
+        if t == self.epoch_end {
+            std::mem::swap(&mut self.cur, &mut self.prev);
+            self.cur.clear();
+            self.epoch_end += self.window;
         }
-        if novel {
-            1.0
+        self.recent[self.head] = id;
+        self.head = if self.head + 1 == self.n {
+            0
         } else {
-            0.0
+            self.head + 1
+        };
+        let len = self.n.min(t + 1);
+        // Oldest first: the ring slot after the newest, wrapping, for `len` ids.
+        let mut h = mix(len as u64);
+        let mut k = (self.head + self.n - len) % self.n;
+        for _ in 0..len {
+            h = mix(h ^ (self.recent[k] as u64));
+            k = if k + 1 == self.n { 0 } else { k + 1 };
+        }
+        self.pos += 1;
+        // An occurrence in this epoch is always within the window.
+        if self.cur.insert(h, t).is_some() {
+            return 0.0;
+        }
+        match self.prev.get(&h) {
+            Some(&u) if u + self.window >= t => 0.0,
+            _ => 1.0,
         }
     }
 }

@@ -23,7 +23,7 @@ fn nonneg(py: Python<'_>, param: &str, v: i64) -> PyResult<usize> {
 impl Config {
     #[new]
     #[pyo3(signature = (*, rungs, rung_scales=None, mode="threshold", thresholds=None, quantiles=None,
-        target_mean_rank=None, min_len=16, max_len=128, chunk_penalty=0.5, crossfade=4, hysteresis=0.05,
+        target_mean_rank=None, min_len=16, max_len=128, granularity=8, chunk_penalty=0.5, crossfade=4, hysteresis=0.05,
         budget_share=1.0, budget_rank=None, weights=None, ngram=2, novelty_window=256, ema=0.3,
         position_tau=64.0, probe_scale=1.0))]
     #[allow(clippy::too_many_arguments)]
@@ -37,6 +37,7 @@ impl Config {
         target_mean_rank: Option<f64>,
         min_len: i64,
         max_len: i64,
+        granularity: i64,
         chunk_penalty: f64,
         crossfade: i64,
         hysteresis: f64,
@@ -101,6 +102,7 @@ impl Config {
         };
         cfg.min_len = nonneg(py, "min_len", min_len)?;
         cfg.max_len = nonneg(py, "max_len", max_len)?;
+        cfg.granularity = nonneg(py, "granularity", granularity)?;
         cfg.chunk_penalty = chunk_penalty;
         cfg.crossfade = nonneg(py, "crossfade", crossfade)?;
         cfg.hysteresis = hysteresis;
