@@ -75,7 +75,9 @@ class DecodeBatch:
     difficulty: npt.NDArray[np.float32]
     new_chunk: npt.NDArray[np.bool_]
 
-    def __init__(self, scheduler: Scheduler, batch_size: int, thresholds: Sequence[float] | None = None) -> None: ...
+    def __init__(
+        self, scheduler: Scheduler, batch_size: int, thresholds: Sequence[float] | None = None
+    ) -> None: ...
     def step(
         self,
         token_ids: npt.NDArray[np.int64],

@@ -84,10 +84,11 @@ class SchedulerConfig:
             )
         try:
             core = _core.Config(**self._kwargs())
-        except TypeError as e:  # a value of the wrong Python type, caught by PyO3
+        except (TypeError, OverflowError) as e:  # wrong Python type or out of int64, from PyO3
             from .errors import ConfigError
 
-            m = re.search(r"argument '(\w+)'", str(e))
+            text = " ".join([str(e), *getattr(e, "__notes__", [])])
+            m = re.search(r"(?:argument|processing) '(\w+)'", text)
             param = m.group(1) if m else None
             raise ConfigError(f"{param or 'config'}: {e}", param) from None
         object.__setattr__(self, "_core_config", core)

@@ -17,12 +17,17 @@ __all__ = ["Scheduler", "DecodeBatch"]
 DecodeBatch = _core.DecodeBatch
 
 
-def _as_numpy(x: Any) -> Any:
+def _as_numpy(x: Any, name: str) -> Any:
     """Torch tensors become numpy views (CPU only); everything else passes through."""
     if type(x).__module__.startswith("torch"):
         if x.device.type != "cpu":
-            raise InputError("arrays must live on the CPU for the scheduler; call .cpu() first")
-        return x.detach().numpy()
+            raise InputError(
+                f"{name}: tensor is on {x.device}; the scheduler reads CPU arrays (call .cpu() first)", name
+            )
+        try:
+            return x.detach().numpy()
+        except TypeError as e:  # e.g. bfloat16 has no numpy dtype
+            raise InputError(f"{name}: tensor of {x.dtype} has no numpy view ({e})", name) from None
     return x
 
 
@@ -33,7 +38,7 @@ def _flat(name: str, value: Any, dtype: type, lengths: np.ndarray | None) -> tup
     1-D or C-contiguous 2-D. Python lists of numbers are converted. A list of per-sequence
     arrays is concatenated (one copy: a ragged batch cannot be a view).
     """
-    value = _as_numpy(value)
+    value = _as_numpy(value, name)
     want = np.dtype(dtype)
     if isinstance(value, np.ndarray):
         if value.dtype != want:
@@ -53,7 +58,7 @@ def _flat(name: str, value: Any, dtype: type, lengths: np.ndarray | None) -> tup
             return _checked_array(name, value, want), None
         parts = []
         for i, part in enumerate(value):
-            part = _as_numpy(part)
+            part = _as_numpy(part, name)
             if isinstance(part, np.ndarray) and part.dtype != want:
                 raise InputError(f"{name}[{i}]: must have dtype {want}, got {part.dtype}", name)
             arr = _checked_array(f"{name}[{i}]", part, want, param=name)
@@ -65,12 +70,19 @@ def _flat(name: str, value: Any, dtype: type, lengths: np.ndarray | None) -> tup
 
 
 def _checked_array(label: str, value: Any, dtype: np.dtype, param: str | None = None) -> np.ndarray:
+    """Converts numbers to ``dtype``, refusing anything lossy (floats to ints, ints that wrap)."""
+    param = param or label
     try:
         arr = np.asarray(value)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{label}: not an array of numbers ({e})", param or label) from None
-    if arr.dtype.kind not in "iuf b" or (dtype.kind in "iu" and arr.dtype.kind == "f"):
-        raise InputError(f"{label}: must hold {dtype} values, got {arr.dtype}", param or label)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InputError(f"{label}: not an array of numbers ({e})", param) from None
+    if arr.dtype.kind not in "iufb" or (dtype.kind in "iu" and arr.dtype.kind == "f"):
+        raise InputError(f"{label}: must hold {dtype} values, got {arr.dtype}", param)
+    if dtype.kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            raise InputError(f"{label}: values [{lo}, {hi}] do not fit {dtype}", param)
     return arr.astype(dtype, copy=False)
 
 
@@ -85,7 +97,9 @@ class Scheduler:
         self.config = config if config is not None else SchedulerConfig()
         counts = None
         if unigram_counts is not None:
-            counts = _checked_array("unigram_counts", _as_numpy(unigram_counts), np.dtype(np.float64))
+            counts = _checked_array(
+                "unigram_counts", _as_numpy(unigram_counts, "unigram_counts"), np.dtype(np.float64)
+            )
             counts = np.ascontiguousarray(counts.reshape(-1))
         self._core = _core.Scheduler(self.config.core, counts)
 
@@ -115,25 +129,36 @@ class Scheduler:
         """
         ids, inferred = _flat("token_ids", token_ids, np.int64, None)
         if seq_lengths is not None:
-            lens = _checked_array("seq_lengths", _as_numpy(seq_lengths), np.dtype(np.int64))
+            if inferred is not None:
+                raise InputError(
+                    "seq_lengths: only for a flat token_ids array (a list or 2-d array has its own)",
+                    "seq_lengths",
+                )
+            lens = _checked_array("seq_lengths", _as_numpy(seq_lengths, "seq_lengths"), np.dtype(np.int64))
             lens = np.ascontiguousarray(lens.reshape(-1))
         elif inferred is not None:
             lens = inferred
         else:
             lens = np.array([len(ids)], dtype=np.int64)
-        kwargs: dict[str, Any] = {}
-        for name, value in (
-            ("entropy", entropy),
-            ("surprisal", surprisal),
-            ("probe", probe),
-            ("difficulty", difficulty),
-        ):
-            if value is not None:
-                kwargs[name] = _flat(name, value, np.float32, None)[0]
-        if adapters is not None:
-            kwargs["adapters"] = np.ascontiguousarray(
-                _checked_array("adapters", _as_numpy(adapters), np.dtype(np.int32)).reshape(-1)
+        signals = {"entropy": entropy, "surprisal": surprisal, "probe": probe}
+        if difficulty is not None and any(v is not None for v in signals.values()):
+            raise InputError(
+                "difficulty: replaces the signals; pass either difficulty or signals", "difficulty"
             )
+        kwargs: dict[str, Any] = {}
+        for name, value in (*signals.items(), ("difficulty", difficulty)):
+            if value is not None:
+                flat, per_seq = _flat(name, value, np.float32, None)
+                if per_seq is not None and not np.array_equal(per_seq, lens):
+                    raise InputError(
+                        f"{name}: per-sequence lengths {per_seq.tolist()} differ from the token_ids' "
+                        f"{lens.tolist()}",
+                        name,
+                    )
+                kwargs[name] = flat
+        if adapters is not None:
+            adapter_ids = _checked_array("adapters", _as_numpy(adapters, "adapters"), np.dtype(np.int32))
+            kwargs["adapters"] = np.ascontiguousarray(adapter_ids.reshape(-1))
         arrays = self._core.plan(ids, lens, **kwargs)
         return Plan.from_core(arrays, tuple(self.config.rungs))
 
@@ -143,5 +168,10 @@ class Scheduler:
         ``thresholds`` default to the config's; pass ``plan.thresholds`` to decode with the
         thresholds a quantile / target plan resolved.
         """
-        th = None if thresholds is None else [float(t) for t in np.asarray(thresholds).reshape(-1)]
-        return _core.DecodeBatch(self._core, batch_size, th)
+        th = None
+        if thresholds is not None:
+            arr = _checked_array("thresholds", _as_numpy(thresholds, "thresholds"), np.dtype(np.float64))
+            th = [float(t) for t in arr.reshape(-1)]
+        if not isinstance(batch_size, int | np.integer):
+            raise InputError(f"batch_size: must be an int, got {type(batch_size).__name__}", "batch_size")
+        return _core.DecodeBatch(self._core, int(batch_size), th)

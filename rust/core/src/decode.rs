@@ -138,6 +138,9 @@ pub struct StepBuffers<'a> {
     pub new_chunk: &'a mut [bool],
 }
 
+/// Largest decode batch (a guard against allocation overflow, far above any real batch).
+pub const MAX_BATCH: usize = 1 << 20;
+
 /// Decode state of a batch of sequences sharing one threshold set.
 #[derive(Debug, Clone)]
 pub struct DecodeBatch {
@@ -148,8 +151,11 @@ pub struct DecodeBatch {
 impl DecodeBatch {
     /// `batch_size` fresh sequences; `thresholds` default to the config's.
     pub fn new(planner: &Planner, batch_size: usize, thresholds: Option<Vec<f64>>) -> Result<Self> {
-        if batch_size == 0 {
-            return Err(CoreError::input("batch_size", "must be >= 1"));
+        if batch_size == 0 || batch_size > MAX_BATCH {
+            return Err(CoreError::input(
+                "batch_size",
+                format!("{batch_size} is outside [1, {MAX_BATCH}]"),
+            ));
         }
         let cfg = planner.config();
         let thresholds = thresholds.unwrap_or_else(|| cfg.thresholds.clone());

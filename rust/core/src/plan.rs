@@ -140,7 +140,15 @@ impl Planner {
         let mut offsets = Vec::with_capacity(input.seq_lengths.len() + 1);
         offsets.push(0usize);
         for &l in input.seq_lengths {
-            offsets.push(offsets[offsets.len() - 1] + l);
+            let next = offsets[offsets.len() - 1]
+                .checked_add(l)
+                .filter(|&n| n <= i32::MAX as usize);
+            offsets.push(next.ok_or_else(|| {
+                CoreError::input(
+                    "seq_lengths",
+                    "the sequence lengths add up to more than 2^31 - 1 tokens",
+                )
+            })?);
         }
         let n = offsets[offsets.len() - 1];
         if n > i32::MAX as usize {
