@@ -30,14 +30,18 @@ fmt:  ## format Rust and Python
 	ruff format python tests benches
 	ruff check --fix python tests benches
 
-bench:  ## benchmarks, compared with the saved baseline of this machine kind
-	$(PY) -m pytest benches/ --benchmark-only
+# Saved baselines live in the repo, one folder per machine kind (KIND=rust-pyo3 is CI's kind).
+KIND ?= rust-pyo3
+BENCH = $(PY) -m pytest benches/ --benchmark-only --benchmark-storage=file://.benchmarks/$(KIND)
 
-bench-save:  ## run benchmarks and save a new baseline under .benchmarks/
-	$(PY) -m pytest benches/ --benchmark-only --benchmark-autosave
+bench:  ## run the benchmarks
+	$(BENCH)
 
-bench-compare:  ## compare against the latest saved baseline
-	$(PY) -m pytest benches/ --benchmark-only --benchmark-compare
+bench-save:  ## run the benchmarks and save a new baseline under .benchmarks/$(KIND)
+	$(BENCH) --benchmark-autosave
+
+bench-compare:  ## run and compare against the latest saved baseline of this machine kind
+	$(BENCH) --benchmark-compare
 
 demo:  ## the README's main job
 	chunkwise demo

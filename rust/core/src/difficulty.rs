@@ -51,33 +51,158 @@ impl DifficultyState {
         id: i64,
         sig: TokenSignals,
     ) -> Result<f32> {
-        let w = &cfg.weights;
-        let mut num = 0.0f64;
-        let mut den = 0.0f64;
-        let mut add = |weight: f64, value: Option<f32>| {
-            if let (true, Some(v)) = (weight > 0.0, value) {
-                num += weight * v as f64;
-                den += weight;
-            }
-        };
-        add(w.entropy, sig.entropy);
-        add(w.surprisal, sig.surprisal);
-        add(w.probe, sig.probe.map(|x| probe_norm(x, cfg.probe_scale)));
-        let rare = match rarity {
-            Some(table) if w.rarity > 0.0 => Some(table.get(id)?),
-            _ => None,
-        };
-        add(w.rarity, rare);
-        add(w.novelty, self.novelty.as_mut().map(|n| n.push(id)));
-        add(w.position, Some(self.prior.advance()));
-        self.pos += 1;
-        let raw = if den > 0.0 { num / den } else { 0.0 };
-        let d = match self.smoothed {
-            None => raw,
-            Some(prev) => cfg.ema * raw + (1.0 - cfg.ema) * prev,
-        };
+        let table = rarity.filter(|_| cfg.weights.rarity > 0.0);
+        let has = [
+            sig.entropy.is_some(),
+            sig.surprisal.is_some(),
+            sig.probe.is_some(),
+            table.is_some(),
+        ];
+        let mix = Mix::new(cfg, has, self.novelty.is_some());
+        let v = [
+            sig.entropy.unwrap_or(0.0),
+            sig.surprisal.unwrap_or(0.0),
+            sig.probe.map_or(0.0, |x| probe_norm(x, cfg.probe_scale)),
+            table.map_or(Ok(0.0), |t| t.get(id))?,
+        ];
+        Ok(self.advance(cfg, &mix, id, v))
+    }
+
+    /// Difficulties of a whole sequence: the same values as `push` token by token, bit for
+    /// bit, computed column by column. Each present signal is one pass adding `w·value` in the
+    /// same order `Mix::raw` uses (a skipped signal would add exactly +0.0), so the passes
+    /// vectorise and only the EMA is serial. Inputs must have been validated.
+    pub fn push_sequence(
+        &mut self,
+        cfg: &SchedulerConfig,
+        rarity: Option<&RarityTable>,
+        ids: &[i64],
+        sig: SignalArrays<'_>,
+    ) -> Result<Vec<f32>> {
+        let table = rarity.filter(|_| cfg.weights.rarity > 0.0);
+        let has = [
+            sig.entropy.is_some(),
+            sig.surprisal.is_some(),
+            sig.probe.is_some(),
+            table.is_some(),
+        ];
+        let mix = Mix::new(cfg, has, self.novelty.is_some());
+        let w = mix.w;
+        let mut num = vec![0.0f64; ids.len()];
+        add_column(&mut num, w[0], sig.entropy.unwrap_or(&[]).iter().copied());
+        add_column(&mut num, w[1], sig.surprisal.unwrap_or(&[]).iter().copied());
+        let probe = sig.probe.unwrap_or(&[]).iter();
+        add_column(
+            &mut num,
+            w[2],
+            probe.map(|&x| probe_norm(x, cfg.probe_scale)),
+        );
+        if let Some(tb) = table {
+            let rare: Vec<f32> = ids.iter().map(|&id| tb.get(id)).collect::<Result<_>>()?;
+            add_column(&mut num, w[3], rare.into_iter());
+        }
+        if let Some(nv) = self.novelty.as_mut() {
+            add_column(&mut num, w[4], ids.iter().map(|&id| nv.push(id)));
+        }
+        // The prior advances once per token even when its weight is 0 (decode does the same).
+        let prior = &mut self.prior;
+        let priors: Vec<f32> = ids.iter().map(|_| prior.advance()).collect();
+        add_column(&mut num, w[5], priors.into_iter());
+        self.pos += ids.len();
+        let mut smoothed = self.smoothed;
+        let out = num
+            .iter()
+            .map(|&x| {
+                let raw = mix.div(x);
+                let d = ema(cfg, smoothed, raw);
+                smoothed = Some(d);
+                d.clamp(0.0, 1.0) as f32
+            })
+            .collect();
+        self.smoothed = smoothed;
+        Ok(out)
+    }
+
+    /// One token: the id-derived signals, the weighted mix and the EMA.
+    #[inline(always)]
+    fn advance(&mut self, cfg: &SchedulerConfig, mix: &Mix, id: i64, v: [f32; 4]) -> f32 {
+        let raw = self.mix_raw(mix, id, v);
+        let d = ema(cfg, self.smoothed, raw);
         self.smoothed = Some(d);
-        Ok(d.clamp(0.0, 1.0) as f32)
+        d.clamp(0.0, 1.0) as f32
+    }
+
+    /// The unsmoothed difficulty of the next token (advances novelty and position).
+    #[inline(always)]
+    fn mix_raw(&mut self, mix: &Mix, id: i64, v: [f32; 4]) -> f64 {
+        let novel = self.novelty.as_mut().map_or(0.0, |n| n.push(id));
+        let prior = self.prior.advance();
+        self.pos += 1;
+        mix.raw([v[0], v[1], v[2], v[3], novel, prior])
+    }
+}
+
+/// `num[t] += weight · column[t]` (skipped entirely when the weight is 0).
+#[inline(always)]
+fn add_column(num: &mut [f64], weight: f64, column: impl Iterator<Item = f32>) {
+    if weight > 0.0 {
+        for (x, v) in num.iter_mut().zip(column) {
+            *x += weight * v as f64;
+        }
+    }
+}
+
+/// EMA step: the first value passes through.
+#[inline(always)]
+fn ema(cfg: &SchedulerConfig, prev: Option<f64>, raw: f64) -> f64 {
+    match prev {
+        None => raw,
+        Some(p) => cfg.ema * raw + (1.0 - cfg.ema) * p,
+    }
+}
+
+/// Signal weights with absent signals zeroed, in the fixed order entropy, surprisal, probe,
+/// rarity, novelty, position; `raw` sums in that order so every path rounds identically.
+struct Mix {
+    w: [f64; 6],
+    den: f64,
+}
+
+impl Mix {
+    fn new(cfg: &SchedulerConfig, has: [bool; 4], novelty: bool) -> Self {
+        let c = &cfg.weights;
+        let on = |present: bool, w: f64| if present && w > 0.0 { w } else { 0.0 };
+        let w = [
+            on(has[0], c.entropy),
+            on(has[1], c.surprisal),
+            on(has[2], c.probe),
+            on(has[3], c.rarity),
+            on(novelty, c.novelty),
+            on(true, c.position),
+        ];
+        Self {
+            w,
+            den: w.iter().sum(),
+        }
+    }
+
+    #[inline(always)]
+    fn raw(&self, v: [f32; 6]) -> f64 {
+        let mut num = 0.0f64;
+        for (w, x) in self.w.iter().zip(v) {
+            num += w * x as f64;
+        }
+        self.div(num)
+    }
+
+    /// The weighted sum divided by the total weight (0 when nothing is weighted).
+    #[inline(always)]
+    fn div(&self, num: f64) -> f64 {
+        if self.den > 0.0 {
+            num / self.den
+        } else {
+            0.0
+        }
     }
 }
 
@@ -89,7 +214,16 @@ pub struct SignalArrays<'a> {
     pub probe: Option<&'a [f32]>,
 }
 
-impl SignalArrays<'_> {
+impl<'a> SignalArrays<'a> {
+    /// The signals of tokens `start..end`.
+    pub fn slice(&self, start: usize, end: usize) -> SignalArrays<'a> {
+        SignalArrays {
+            entropy: self.entropy.map(|a| &a[start..end]),
+            surprisal: self.surprisal.map(|a| &a[start..end]),
+            probe: self.probe.map(|a| &a[start..end]),
+        }
+    }
+
     /// Signals of token `t`.
     pub fn at(&self, t: usize) -> TokenSignals {
         TokenSignals {

@@ -66,14 +66,17 @@ pub fn check_finite(param: &'static str, values: &[f32]) -> Result<()> {
     }
 }
 
-/// Checks that every value of `values` is finite and within [0, 1].
+/// Checks that every value of `values` is finite and within [0, 1] (one pass: NaN and ±inf
+/// fail the range test too).
 pub fn check_unit(param: &'static str, values: &[f32]) -> Result<()> {
-    check_finite(param, values)?;
     match values.iter().position(|v| !(0.0..=1.0).contains(v)) {
         None => Ok(()),
         Some(i) => Err(CoreError::input(
             param,
-            format!("value at index {i} is {} (must be in [0, 1])", values[i]),
+            format!(
+                "value at index {i} is {} (must be finite and in [0, 1])",
+                values[i]
+            ),
         )),
     }
 }

@@ -209,17 +209,13 @@ impl Planner {
         let difficulty = match input.difficulty {
             Some(d) => d[start..end].to_vec(),
             None => {
-                let mut st = DifficultyState::new(&self.cfg);
-                (start..end)
-                    .map(|t| {
-                        st.push(
-                            &self.cfg,
-                            self.rarity.as_ref(),
-                            input.token_ids[t],
-                            input.signals.at(t),
-                        )
-                    })
-                    .collect::<Result<_>>()?
+                let sig = input.signals.slice(start, end);
+                DifficultyState::new(&self.cfg).push_sequence(
+                    &self.cfg,
+                    self.rarity.as_ref(),
+                    &input.token_ids[start..end],
+                    sig,
+                )?
             }
         };
         let cfg = &self.cfg;

@@ -4,9 +4,6 @@
 //! has: the core never runs a scoring pass. Signals from token ids (novelty, rarity) and the
 //! positional prior need no model at all.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
@@ -214,24 +211,6 @@ pub fn probe_norm(x: f32, scale: f64) -> f32 {
     (x as f64 / (x as f64 + scale)) as f32
 }
 
-/// A hasher that passes an already-mixed u64 through (keys are n-gram hashes).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
 fn mix(mut z: u64) -> u64 {
     // splitmix64 finaliser
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -242,10 +221,10 @@ fn mix(mut z: u64) -> u64 {
 /// Streaming n-gram novelty: is the n-gram ending at this token absent from the last `window`
 /// positions? Exact up to 64-bit hash collisions of distinct n-grams.
 ///
-/// Two maps by epoch of `window` tokens: `cur` holds n-grams that ended in this epoch, `prev`
+/// Two tables by epoch of `window` tokens: `cur` holds n-grams that ended in this epoch, `prev`
 /// those of the previous one, so every occurrence within the window is in one of them. At an
 /// epoch change `prev` is dropped and `cur` becomes `prev`: no deletions, no tombstones, and
-/// neither map ever holds more than `window` entries.
+/// neither table ever holds more than `window` entries.
 #[derive(Debug, Clone)]
 pub struct NoveltyTracker {
     n: usize,
@@ -253,8 +232,8 @@ pub struct NoveltyTracker {
     /// The last n ids, ring buffer; `head` is where the next id goes.
     recent: [i64; MAX_NGRAM],
     head: usize,
-    cur: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
-    prev: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    cur: GramTable,
+    prev: GramTable,
     pos: usize,
     epoch_end: usize,
 }
@@ -267,14 +246,13 @@ impl NoveltyTracker {
     pub fn new(n: usize, window: usize) -> Self {
         let n = n.clamp(1, MAX_NGRAM);
         let window = window.max(1);
-        let cap = window.min(1 << 16);
         Self {
             n,
             window,
             recent: [0; MAX_NGRAM],
             head: 0,
-            cur: HashMap::with_capacity_and_hasher(cap, Default::default()),
-            prev: HashMap::with_capacity_and_hasher(cap, Default::default()),
+            cur: GramTable::new(window),
+            prev: GramTable::new(window),
             pos: 0,
             epoch_end: window,
         }
@@ -295,22 +273,80 @@ impl NoveltyTracker {
             self.head + 1
         };
         let len = self.n.min(t + 1);
-        // Oldest first: the ring slot after the newest, wrapping, for `len` ids.
-        let mut h = mix(len as u64);
-        let mut k = (self.head + self.n - len) % self.n;
-        for _ in 0..len {
-            h = mix(h ^ (self.recent[k] as u64));
-            k = if k + 1 == self.n { 0 } else { k + 1 };
+        // Before the ring has wrapped the ids sit at 0..=t; after, the oldest is at `head`.
+        let start = if len == self.n { self.head } else { 0 };
+        // Each id is mixed with its age independently of the others (no serial chain between
+        // them, so the mixes overlap in the pipeline), then the sum is mixed once more.
+        let mut acc = mix(len as u64);
+        for age in 0..len {
+            let k = start + age;
+            let k = if k >= self.n { k - self.n } else { k };
+            let salted =
+                (self.recent[k] as u64) ^ (age as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            acc = acc.wrapping_add(mix(salted));
         }
+        let h = mix(acc);
         self.pos += 1;
         // An occurrence in this epoch is always within the window.
         if self.cur.insert(h, t).is_some() {
             return 0.0;
         }
-        match self.prev.get(&h) {
-            Some(&u) if u + self.window >= t => 0.0,
+        match self.prev.get(h) {
+            Some(u) if u + self.window >= t => 0.0,
             _ => 1.0,
         }
+    }
+}
+
+/// Open-addressing table of n-gram hash -> last position, for at most `window` entries per
+/// epoch (load ≤ 1/4, short probe runs). Key 0 marks an empty slot, so a hash of 0 is stored as 1.
+#[derive(Debug, Clone)]
+struct GramTable {
+    keys: Vec<u64>,
+    pos: Vec<usize>,
+    mask: usize,
+}
+
+impl GramTable {
+    fn new(window: usize) -> Self {
+        let cap = (4 * window.min(1 << 20)).next_power_of_two().max(8);
+        Self {
+            keys: vec![0; cap],
+            pos: vec![0; cap],
+            mask: cap - 1,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.keys.fill(0);
+    }
+
+    /// Slot of `h`, or of the empty slot where it would go.
+    fn slot(&self, h: u64) -> usize {
+        let mut i = (h as usize) & self.mask;
+        loop {
+            let k = self.keys[i];
+            if k == h || k == 0 {
+                return i;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Stores `t` for `h`; returns the previous position if `h` was present.
+    fn insert(&mut self, h: u64, t: usize) -> Option<usize> {
+        let h = h.max(1);
+        let i = self.slot(h);
+        let old = (self.keys[i] == h).then_some(self.pos[i]);
+        self.keys[i] = h;
+        self.pos[i] = t;
+        old
+    }
+
+    fn get(&self, h: u64) -> Option<usize> {
+        let h = h.max(1);
+        let i = self.slot(h);
+        (self.keys[i] == h).then_some(self.pos[i])
     }
 }
 
