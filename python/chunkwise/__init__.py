@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from . import _core
 from .config import DEFAULT_RUNGS, SchedulerConfig
-from .errors import ChunkwiseError, ConfigError, InputError, StateError
+from .errors import AdapterError, ChunkwiseError, ConfigError, InputError, StateError
+from .inject import ChunkwiseModel, inject
+from .ladder import RankLadder
+from .layers import ChunkwiseLinear
 from .plan import Plan
 from .scheduler import DecodeBatch, Scheduler
 from .signals import entropy_from_logits, surprisal_from_logits, torch_entropy_surprisal
@@ -17,6 +20,11 @@ __version__: str = _core.__version__
 
 __all__ = [
     "DEFAULT_RUNGS",
+    "AdapterError",
+    "ChunkwiseLinear",
+    "ChunkwiseModel",
+    "RankLadder",
+    "inject",
     "ChunkwiseError",
     "ConfigError",
     "DecodeBatch",

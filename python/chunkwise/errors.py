@@ -7,7 +7,7 @@ offending argument (the Rust core fills it in for errors it raises).
 
 from __future__ import annotations
 
-__all__ = ["ChunkwiseError", "ConfigError", "InputError", "StateError"]
+__all__ = ["AdapterError", "ChunkwiseError", "ConfigError", "InputError", "StateError"]
 
 
 class ChunkwiseError(Exception):
@@ -28,3 +28,7 @@ class InputError(ChunkwiseError, ValueError):
 
 class StateError(ChunkwiseError, RuntimeError):
     """An object was used out of order."""
+
+
+class AdapterError(ChunkwiseError, ValueError):
+    """An adapter or ladder file is unreadable, inconsistent, unsupported or does not fit the model."""

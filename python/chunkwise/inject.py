@@ -1,0 +1,231 @@
+"""Putting rank ladders into a ``transformers`` model, running it under plans, taking them out.
+
+:func:`inject` checks everything before it changes anything: each ladder must adapt exactly the
+modules its PEFT config targets on this model (a ladder never silently changes which modules
+are adapted), shapes must fit, ``modules_to_save`` must name real parameters. On any error the
+model is left exactly as it was. :meth:`ChunkwiseModel.unload` puts the original module objects
+and parameters back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AdapterError, InputError
+from .ladder import RankLadder
+from .layers import ChunkwiseLinear, linear_shape
+from .plan import Plan
+from .scheduler import Scheduler
+from .token_plan import TokenPlan
+
+__all__ = ["ChunkwiseModel", "inject"]
+
+
+def _linear_names(model: nn.Module) -> frozenset[str]:
+    """PEFT's "all-linear": every Linear / Conv1D except the output embedding."""
+    names = {n for n, m in model.named_modules() if linear_shape(m) is not None}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        names -= {n for n, m in model.named_modules() if m is out}
+    return frozenset(names)
+
+
+def _check_ladder(model: nn.Module, ladder: RankLadder, modules: dict[str, nn.Module]) -> None:
+    all_linear = _linear_names(model)
+    wanted = {
+        n
+        for n, m in modules.items()
+        if linear_shape(m) is not None and ladder.settings.targets(n, all_linear)
+    }
+    have = set(ladder.modules)
+    if not wanted:
+        raise AdapterError(
+            f"adapter {ladder.name!r}: its target_modules match no linear layer of this model",
+            "target_modules",
+        )
+    if have - set(modules):
+        missing = sorted(have - set(modules))[:5]
+        raise AdapterError(
+            f"adapter {ladder.name!r}: modules {missing} do not exist in this model", "target_modules"
+        )
+    if wanted != have:
+        extra, lacking = sorted(have - wanted)[:5], sorted(wanted - have)[:5]
+        raise AdapterError(
+            f"adapter {ladder.name!r}: weights and config disagree on the adapted modules "
+            f"(weights but not targeted: {extra}; targeted but no weights: {lacking})",
+            "target_modules",
+        )
+    for name, lm in ladder.modules.items():
+        fan_in, fan_out = linear_shape(modules[name]) or (None, None)
+        if (lm.a.shape[1], lm.b.shape[0]) != (fan_in, fan_out):
+            raise AdapterError(
+                f"adapter {ladder.name!r}: module {name!r} is {fan_in}->{fan_out} but the ladder is "
+                f"{lm.a.shape[1]}->{lm.b.shape[0]}",
+                "adapter_model",
+            )
+    params = dict(model.named_parameters())
+    for key, t in ladder.saved.items():
+        if key not in params or params[key].shape != t.shape:
+            raise AdapterError(
+                f"adapter {ladder.name!r}: saved tensor {key!r} does not fit this model", "modules_to_save"
+            )
+
+
+class ChunkwiseModel:
+    """A model with ladders injected. Use :meth:`plan` / :meth:`run` / :meth:`top_rung` to choose
+    ranks per forward; :meth:`unload` restores the original model."""
+
+    def __init__(self, model: nn.Module, ladders: Sequence[RankLadder], scheduler: Scheduler | None) -> None:
+        self.model = model
+        self.ladders = list(ladders)
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self._current: TokenPlan | None = None
+        self._wrapped: dict[str, tuple[nn.Module, nn.Module]] = {}
+        self._saved_params: dict[str, torch.Tensor] = {}
+
+    # -- injection -------------------------------------------------------------------------
+    def _attach(self) -> None:
+        modules = dict(self.model.named_modules())
+        names = sorted({n for lad in self.ladders for n in lad.modules})
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else self.model
+            base = modules[name]
+            layer = ChunkwiseLinear(base, lambda: self._current)
+            for i, lad in enumerate(self.ladders):
+                if name in lad.modules:
+                    layer.add_ladder(i, lad.modules[name])
+            setattr(parent, child, layer)
+            self._wrapped[name] = (parent, base)
+        params = dict(self.model.named_parameters())
+        for lad in self.ladders:
+            for key, t in lad.saved.items():
+                p = params[key]
+                self._saved_params[key] = p.detach().clone()
+                with torch.no_grad():
+                    p.copy_(t.to(p.dtype))
+
+    def unload(self) -> nn.Module:
+        """Removes every ladder and returns the original model (same module objects, same weights)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, t in self._saved_params.items():
+                params[key].copy_(t)
+        for name, (parent, base) in self._wrapped.items():
+            setattr(parent, name.rpartition(".")[2], base)
+        self._wrapped.clear()
+        self._saved_params.clear()
+        self._current = None
+        return self.model
+
+    # -- plans -----------------------------------------------------------------------------
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.model.parameters())
+        return p.device, p.dtype
+
+    @contextlib.contextmanager
+    def use(self, token_plan: TokenPlan | None) -> Iterator[None]:
+        """Runs forwards inside the block under ``token_plan`` (None: base model only)."""
+        previous, self._current = self._current, token_plan
+        try:
+            yield
+        finally:
+            self._current = previous
+
+    def token_plan(
+        self,
+        plan: Plan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: Any | None = None,
+    ) -> TokenPlan:
+        """Lays ``plan`` over a [batch, seq] input (see :meth:`TokenPlan.from_plan`)."""
+        device, dtype = self._device_dtype()
+        ad = None if adapters is None else self._adapter_ids(adapters, input_ids.shape[0])
+        return TokenPlan.from_plan(plan, attention_mask, tuple(input_ids.shape), ad, device, dtype)
+
+    def top_rung(self, input_ids: torch.Tensor, adapters: Any | None = None) -> TokenPlan:
+        """Every token at each module's full rank: reproduces PEFT's output."""
+        device, dtype = self._device_dtype()
+        b, t = input_ids.shape
+        ad = self._adapter_ids(adapters, b)
+        top = max(lad.max_rank for lad in self.ladders)
+        return TokenPlan.uniform(b * t, top, np.repeat(ad, t), device, dtype)
+
+    def _adapter_ids(self, adapters: Any | None, batch: int) -> np.ndarray:
+        if adapters is None:
+            return np.zeros(batch, np.int32)
+        ad = np.asarray(adapters).reshape(-1)
+        if len(ad) != batch or ad.dtype.kind not in "iu":
+            raise InputError(f"adapters: need {batch} integer adapter ids, got {ad.tolist()}", "adapters")
+        if ad.min() < 0 or ad.max() >= len(self.ladders):
+            raise InputError(
+                f"adapters: ids must be in [0, {len(self.ladders)}), got {ad.tolist()}", "adapters"
+            )
+        return ad.astype(np.int32)
+
+    def plan_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: Any | None = None,
+        **signals: Any,
+    ) -> Plan:
+        """Plans a [batch, seq] input with the scheduler, from its token ids (and any per-token
+        signals given as lists per sequence)."""
+        ids = input_ids.detach().to("cpu").numpy().astype(np.int64)
+        if attention_mask is None:
+            seqs = list(ids)
+        else:
+            mask = attention_mask.detach().to("cpu").numpy().astype(bool)
+            seqs = [row[m] for row, m in zip(ids, mask, strict=True)]
+        ad = self._adapter_ids(adapters, ids.shape[0])
+        return self.scheduler.plan(seqs, adapters=ad, **signals)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        plan: Plan | None = None,
+        adapters: Any | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One forward of the model under ``plan`` (default: planned from the inputs)."""
+        if plan is None:
+            plan = self.plan_inputs(input_ids, attention_mask, adapters)
+        tp = self.token_plan(plan, input_ids, attention_mask, adapters)
+        with self.use(tp):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def inject(
+    model: nn.Module, ladders: RankLadder | Sequence[RankLadder], scheduler: Scheduler | None = None
+) -> ChunkwiseModel:
+    """Wraps every module any ladder adapts with :class:`ChunkwiseLinear`.
+
+    Adapter i of a batch is ``ladders[i]``. Raises :class:`AdapterError` (model untouched) when a
+    ladder does not fit the model.
+    """
+    ladders = [ladders] if isinstance(ladders, RankLadder) else list(ladders)
+    if not ladders:
+        raise AdapterError("ladders: give at least one ladder", "ladders")
+    modules = dict(model.named_modules())
+    if any(isinstance(m, ChunkwiseLinear) for m in modules.values()):
+        raise AdapterError("model: already has chunkwise layers; unload() them first", "model")
+    for lad in ladders:
+        _check_ladder(model, lad, modules)
+    if sum(1 for lad in ladders if lad.saved) > 1:
+        raise AdapterError(
+            "ladders: more than one adapter replaces modules_to_save; a batch can hold only one such adapter",
+            "modules_to_save",
+        )
+    cw = ChunkwiseModel(model, ladders, scheduler)
+    cw._attach()
+    return cw

@@ -1,0 +1,150 @@
+"""Rank ladders: every LoRA module factored once so each rank k is a prefix of one tensor.
+
+For a module with update ``s · B A`` (PEFT's scaling s), the SVD ``s·B A = U Σ Vᵀ`` gives
+``B' = U Σ^½`` and ``A' = Σ^½ Vᵀ``: the first k rows of A' and columns of B' are the best rank-k
+approximation of the update (Eckart–Young), and the full tensors reproduce it exactly. The SVD is
+taken of the small r×r core of two QR factorisations, in float64, so conversion is cheap even
+for wide layers. A ladder is stored beside the adapter (``chunkwise_ladder.safetensors``) without
+touching PEFT's own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .adapters import LoraSettings, read_settings, read_weights, settings_from_dict
+from .errors import AdapterError
+
+__all__ = ["LadderModule", "RankLadder", "LADDER_FILE", "factor_update"]
+
+LADDER_FILE = "chunkwise_ladder.safetensors"
+_FORMAT = "chunkwise-ladder/1"
+
+
+@dataclasses.dataclass
+class LadderModule:
+    """Nested factors of one module: ``a`` [r, in] and ``b`` [out, r] with the scaling folded in;
+    ``bias`` [out] is PEFT's ``lora_B`` bias times the scaling (applied at every rung)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """The module's full rank (rungs above it are clamped to it)."""
+        return int(self.a.shape[0])
+
+    def update(self, k: int | None = None) -> torch.Tensor:
+        """The rank-k update ``B'[:, :k] A'[:k]`` as a dense [out, in] matrix (for tests)."""
+        k = self.rank if k is None else min(k, self.rank)
+        return self.b[:, :k] @ self.a[:k]
+
+
+def factor_update(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested factors (A', B') of ``scale · b @ a`` in float64, singular values descending."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    qb, rb = torch.linalg.qr(b64)  # b = qb rb, qb [out, r]
+    qa, ra = torch.linalg.qr(a64.T)  # aᵀ = qa ra, qa [in, r]
+    u, s, vh = torch.linalg.svd(scale * rb @ ra.T)
+    root = s.sqrt()
+    return (root[:, None] * (vh @ qa.T)), ((qb @ u) * root[None, :])
+
+
+@dataclasses.dataclass
+class RankLadder:
+    """The ladder of one adapter: nested factors per module, plus what PEFT needs to match it."""
+
+    modules: dict[str, LadderModule]
+    settings: LoraSettings
+    saved: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    name: str = "default"
+    config: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_peft(
+        cls, path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RankLadder:
+        """Converts the PEFT adapter directory ``path`` (config + safetensors or .bin)."""
+        path = Path(path)
+        settings = read_settings(path)
+        weights = read_weights(path)
+        modules = {}
+        for mod, w in weights.modules.items():
+            r, _ = settings.rank_alpha(mod)
+            if w.a.shape[0] != r:
+                raise AdapterError(
+                    f"{path}: module {mod!r} has rank {w.a.shape[0]} but the config "
+                    f"(r / rank_pattern) says {r}",
+                    "rank_pattern",
+                )
+            s = settings.scaling(mod)
+            a, b = factor_update(w.a, w.b, s)
+            bias = None if w.bias is None else (s * w.bias.to(torch.float64)).to(dtype)
+            modules[mod] = LadderModule(a.to(dtype), b.to(dtype), bias)
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        return cls(modules, settings, weights.saved, name or path.name, config)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest module rank."""
+        return max(m.rank for m in self.modules.values())
+
+    def save(self, path: str | Path) -> Path:
+        """Writes ``chunkwise_ladder.safetensors`` into directory ``path`` (beside a PEFT adapter
+        is fine: PEFT reads only its own files). Returns the file path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for mod, m in self.modules.items():
+            tensors[f"ladder.{mod}.a"] = m.a.contiguous()
+            tensors[f"ladder.{mod}.b"] = m.b.contiguous()
+            if m.bias is not None:
+                tensors[f"ladder.{mod}.bias"] = m.bias.contiguous()
+        for k, t in self.saved.items():
+            tensors[f"saved.{k}"] = t.contiguous()
+        meta = {"format": _FORMAT, "name": self.name, "adapter_config": json.dumps(self.config)}
+        out = path / LADDER_FILE
+        tmp = out.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> RankLadder:
+        """Reads a ladder written by :meth:`save` (``path``: the file or its directory)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        file = path / LADDER_FILE if path.is_dir() else path
+        try:
+            with safe_open(str(file), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterError(f"{file}: not a readable ladder ({e})", "ladder") from None
+        if meta.get("format") != _FORMAT:
+            raise AdapterError(f"{file}: unknown ladder format {meta.get('format')!r}", "ladder")
+        config = json.loads(meta.get("adapter_config", "{}"))
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        saved = {}
+        for k, t in tensors.items():
+            if k.startswith("saved."):
+                saved[k[len("saved.") :]] = t
+            elif k.startswith("ladder."):
+                mod, _, part = k[len("ladder.") :].rpartition(".")
+                parts.setdefault(mod, {})[part] = t
+        modules = {}
+        for mod, p in parts.items():
+            if "a" not in p or "b" not in p or p["a"].shape[0] != p["b"].shape[1]:
+                raise AdapterError(f"{file}: module {mod!r} has inconsistent factors", "ladder")
+            modules[mod] = LadderModule(p["a"], p["b"], p.get("bias"))
+        return cls(
+            modules, settings_from_dict(config, str(file)), saved, name or meta.get("name", "default"), config
+        )

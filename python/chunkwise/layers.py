@@ -1,0 +1,106 @@
+"""``ChunkwiseLinear``: a base ``nn.Linear`` / GPT-2 ``Conv1D`` plus rank ladders, applied per the
+token plan of the current forward.
+
+The base layer is kept as ``base_layer`` (like PEFT) and runs unchanged; the LoRA delta is added
+per (adapter, rank) group: ``x[idx] @ A'[:r]ᵀ``, gated on the cross-fade band, scaled by the
+rung, ``@ B'[:, :r]ᵀ``, added back with ``index_add_``. This pure-torch path is the CPU path, the
+GPU fallback and the oracle of the fused kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import StateError
+from .ladder import LadderModule
+from .token_plan import TokenPlan
+
+__all__ = ["ChunkwiseLinear", "linear_shape"]
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an ``nn.Linear`` or GPT-2 ``Conv1D``; None otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+class ChunkwiseLinear(nn.Module):
+    """A linear layer whose LoRA rank follows the current :class:`TokenPlan`.
+
+    ``factors[i]`` is the ladder of adapter i for this layer (absent: adapter i does not adapt
+    it). ``plan_source`` returns the plan of the forward in progress; with no plan the layer
+    behaves like its base layer.
+    """
+
+    def __init__(self, base_layer: nn.Module, plan_source: Callable[[], TokenPlan | None]) -> None:
+        super().__init__()
+        shape = linear_shape(base_layer)
+        if shape is None:
+            raise TypeError(f"ChunkwiseLinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = shape
+        self._plan_source = plan_source
+        self._ranks: dict[int, int] = {}
+
+    def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
+        """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype)."""
+        w = self.base_layer.weight
+        self.register_buffer(
+            f"ladder_a_{adapter}", ladder.a.to(device=w.device, dtype=w.dtype), persistent=False
+        )
+        self.register_buffer(
+            f"ladder_b_{adapter}", ladder.b.to(device=w.device, dtype=w.dtype), persistent=False
+        )
+        bias = None if ladder.bias is None else ladder.bias.to(device=w.device, dtype=w.dtype)
+        self.register_buffer(f"ladder_bias_{adapter}", bias, persistent=False)
+        self._ranks[adapter] = ladder.rank
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        plan = self._plan_source()
+        if plan is None or not self._ranks:
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] != plan.n_tokens:
+            raise StateError(
+                f"plan: covers {plan.n_tokens} tokens but this forward has {x2.shape[0]}; "
+                "set the plan for the inputs being run",
+                "plan",
+            )
+        delta = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=y.dtype)
+        for g in plan.groups:
+            full = self._ranks.get(g.adapter)
+            if full is None:
+                continue
+            r = min(g.rank, full)
+            a = getattr(self, f"ladder_a_{g.adapter}")[:r]
+            b = getattr(self, f"ladder_b_{g.adapter}")[:, :r]
+            xs = x2 if g.index is None else x2.index_select(0, g.index)
+            h = xs.to(a.dtype) @ a.T
+            if g.lo is not None:
+                j = torch.arange(r, device=h.device)
+                h = h * torch.where(j[None, :] < g.lo, g.gate_lo, g.gate_hi).to(h.dtype)
+            h = h * g.scale.to(h.dtype)
+            out = h @ b.T
+            if g.index is None:
+                delta += out
+            else:
+                delta.index_add_(0, g.index, out)
+        for adapter, rows in plan.adapter_rows.items():
+            bias = getattr(self, f"ladder_bias_{adapter}", None) if adapter in self._ranks else None
+            if bias is not None:
+                if rows is None:
+                    delta += bias
+                else:
+                    delta.index_add_(0, rows, bias.expand(len(rows), -1))
+        return y + delta.view(y.shape)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={dict(sorted(self._ranks.items()))}"
