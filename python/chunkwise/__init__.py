@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import _core
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import AdapterError, ChunkwiseError, ConfigError, InputError, StateError
-from .inject import ChunkwiseModel, inject
+from .injection import ChunkwiseModel, inject
 from .ladder import RankLadder
 from .layers import ChunkwiseLinear
 from .plan import Plan
