@@ -1,10 +1,10 @@
 """``ChunkwiseLinear``: a base ``nn.Linear`` / GPT-2 ``Conv1D`` plus rank ladders, applied per the
 token plan of the current forward.
 
-The base layer is kept as ``base_layer`` (like PEFT) and runs unchanged; the LoRA delta is added
-per (adapter, rank) group: ``x[idx] @ A'[:r]ᵀ``, gated on the cross-fade band, scaled by the
-rung, ``@ B'[:, :r]ᵀ``, added back with ``index_add_``. This pure-torch path is the CPU path, the
-GPU fallback and the oracle of the fused kernels.
+The base layer is kept as ``base_layer`` (like PEFT) and runs unchanged; the LoRA delta of each
+adapter is ``((x A'[:r]ᵀ) ⊙ G[:, :r]) B'[:, :r]ᵀ`` with the plan's gate matrix G (rank prefix,
+cross-fade band and rung scale in one), accumulated into the base output in place. This
+pure-torch path is the CPU path, the GPU fallback and the oracle of the fused kernels.
 """
 
 from __future__ import annotations
@@ -74,33 +74,33 @@ class ChunkwiseLinear(nn.Module):
                 "set the plan for the inputs being run",
                 "plan",
             )
-        delta = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=y.dtype)
-        for g in plan.groups:
-            full = self._ranks.get(g.adapter)
+        y2 = y.view(-1, self.out_features)
+        for block in plan.blocks:
+            full = self._ranks.get(block.adapter)
             if full is None:
                 continue
-            r = min(g.rank, full)
-            a = getattr(self, f"ladder_a_{g.adapter}")[:r]
-            b = getattr(self, f"ladder_b_{g.adapter}")[:, :r]
-            xs = x2 if g.index is None else x2.index_select(0, g.index)
-            h = xs.to(a.dtype) @ a.T
-            if g.lo is not None:
-                j = torch.arange(r, device=h.device)
-                h = h * torch.where(j[None, :] < g.lo, g.gate_lo, g.gate_hi).to(h.dtype)
-            h = h * g.scale.to(h.dtype)
-            out = h @ b.T
-            if g.index is None:
-                delta += out
+            r = min(block.max_rank, full)
+            xs = x2 if block.rows is None else x2.index_select(0, block.rows)
+            bias = getattr(self, f"ladder_bias_{block.adapter}")
+            if r > 0:
+                a = getattr(self, f"ladder_a_{block.adapter}")[:r]
+                b = getattr(self, f"ladder_b_{block.adapter}")[:, :r]
+                h = (xs.to(a.dtype) @ a.T).mul_(block.gates[:, :r].to(a.dtype))
+                if block.rows is None:
+                    y2.addmm_(h.to(y2.dtype), b.T.to(y2.dtype))
+                    if bias is not None:
+                        y2.add_(bias)
+                    continue
+                out = h @ b.T
             else:
-                delta.index_add_(0, g.index, out)
-        for adapter, rows in plan.adapter_rows.items():
-            bias = getattr(self, f"ladder_bias_{adapter}", None) if adapter in self._ranks else None
+                out = torch.zeros(xs.shape[0], self.out_features, device=y.device, dtype=y.dtype)
             if bias is not None:
-                if rows is None:
-                    delta += bias
-                else:
-                    delta.index_add_(0, rows, bias.expand(len(rows), -1))
-        return y + delta.view(y.shape)
+                out = out + bias
+            if block.rows is None:
+                y2.add_(out.to(y2.dtype))
+            else:
+                y2.index_add_(0, block.rows, out.to(y2.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={dict(sorted(self._ranks.items()))}"

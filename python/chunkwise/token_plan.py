@@ -1,9 +1,13 @@
-"""A plan laid onto the tokens of one forward pass: rank groups as index tensors.
+"""A plan laid onto the tokens of one forward pass: per-adapter gate matrices.
 
 The scheduler's :class:`~chunkwise.Plan` is ragged (real tokens only); a forward pass sees a
-padded [batch, seq] grid. :class:`TokenPlan` maps one onto the other once per forward and groups
-tokens by (adapter, rank), so every :class:`~chunkwise.layers.ChunkwiseLinear` applies its ladder
-with a handful of batched matmuls and no per-token Python.
+padded [batch, seq] grid. :class:`TokenPlan` maps one onto the other once per forward and turns
+each token's rank, cross-fade band and rung scale into one row of a gate matrix
+``G[t, j] = scale_t · (gate_lo_t if j < lo_t else gate_hi_t if j < rank_t else 0)``, so every
+:class:`~chunkwise.layers.ChunkwiseLinear` applies its ladder as ``((x A'ᵀ) ⊙ G) B'ᵀ``: two
+matmuls and one multiply per adapter, no per-token Python and no gather when one adapter covers
+the batch. (On CPU this beats rank-grouped gathers: the LoRA matmuls are a small share of the
+layer, the extra passes over x are not. The CUDA kernels skip the zero columns instead.)
 """
 
 from __future__ import annotations
@@ -16,24 +20,18 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["RankGroup", "TokenPlan"]
+__all__ = ["AdapterBlock", "TokenPlan"]
 
 
 @dataclasses.dataclass
-class RankGroup:
-    """Tokens of one adapter at one rank. ``index`` is None when the group is every token.
-
-    ``lo``/``gate_lo``/``gate_hi`` are None when no token of the group is in a cross-fade ramp
-    (all gates 1); ``scale`` is the per-token rung scale [n, 1].
-    """
+class AdapterBlock:
+    """The tokens of one adapter: ``rows`` of the flattened input (None: every row, in order),
+    their gate matrix ``gates`` [n, max_rank] and the largest rank any of them uses."""
 
     adapter: int
-    rank: int
-    index: torch.Tensor | None
-    scale: torch.Tensor
-    lo: torch.Tensor | None = None
-    gate_lo: torch.Tensor | None = None
-    gate_hi: torch.Tensor | None = None
+    rows: torch.Tensor | None
+    gates: torch.Tensor
+    max_rank: int
 
 
 @dataclasses.dataclass
@@ -41,8 +39,7 @@ class TokenPlan:
     """What every adapted layer applies in one forward: ``n_tokens`` rows of the flattened input."""
 
     n_tokens: int
-    groups: list[RankGroup]
-    adapter_rows: dict[int, torch.Tensor | None]
+    blocks: list[AdapterBlock]
 
     @classmethod
     def build(
@@ -58,34 +55,27 @@ class TokenPlan:
         device: Any = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> TokenPlan:
-        """Groups planned tokens. ``rows[i]`` is the row of planned token i in the flattened
-        forward input of ``n_rows`` rows (rows with no planned token get no adapter)."""
-        groups = []
-        keys = np.stack([token_adapter.astype(np.int64), token_rank.astype(np.int64)], axis=1)
-        uniq = np.unique(keys, axis=0) if len(keys) else np.zeros((0, 2), np.int64)
+        """Builds the blocks. ``rows[i]`` is the row of planned token i in the flattened forward
+        input of ``n_rows`` rows (rows with no planned token get no adapter)."""
         full = len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))
-
-        def put(x: np.ndarray, dt: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dt)
-
-        for adapter, rank in uniq:
-            sel = (token_adapter == adapter) & (token_rank == rank)
-            if rank == 0:
-                continue
-            everyone = full and bool(sel.all())
-            index = None if everyone else put(rows[sel], torch.long)
-            ramp = sel & ((gate_lo != 1.0) | (gate_hi != 1.0) | (token_lo != token_rank))
-            g = RankGroup(int(adapter), int(rank), index, put(scale[sel][:, None], dtype))
-            if ramp.any():
-                g.lo = put(token_lo[sel][:, None], torch.long)
-                g.gate_lo = put(gate_lo[sel][:, None], dtype)
-                g.gate_hi = put(gate_hi[sel][:, None], dtype)
-            groups.append(g)
-        adapter_rows: dict[int, torch.Tensor | None] = {}
+        blocks = []
         for adapter in np.unique(token_adapter):
             sel = token_adapter == adapter
-            adapter_rows[int(adapter)] = None if (full and sel.all()) else put(rows[sel], torch.long)
-        return cls(n_rows, groups, adapter_rows)
+            rank = token_rank[sel].astype(np.int64)
+            r_max = int(rank.max()) if rank.size else 0
+            j = np.arange(r_max)[None, :]
+            band = np.where(j < token_lo[sel][:, None], gate_lo[sel][:, None], gate_hi[sel][:, None])
+            gates = np.where(j < rank[:, None], band, 0.0) * scale[sel][:, None]
+            everyone = full and bool(sel.all())
+            blocks.append(
+                AdapterBlock(
+                    int(adapter),
+                    None if everyone else torch.from_numpy(rows[sel].astype(np.int64)).to(device),
+                    torch.from_numpy(np.ascontiguousarray(gates)).to(device=device, dtype=dtype),
+                    r_max,
+                )
+            )
+        return cls(n_rows, blocks)
 
     @classmethod
     def from_plan(
