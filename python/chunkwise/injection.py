@@ -221,9 +221,10 @@ def inject(
         raise AdapterError("model: already has chunkwise layers; unload() them first", "model")
     for lad in ladders:
         _check_ladder(model, lad, modules)
-    if sum(1 for lad in ladders if lad.saved) > 1:
+    if len(ladders) > 1 and any(lad.saved for lad in ladders):
         raise AdapterError(
-            "ladders: more than one adapter replaces modules_to_save; a batch can hold only one such adapter",
+            "ladders: an adapter with modules_to_save replaces whole modules for every sequence, so it "
+            "cannot share a batch with other adapters; inject it alone",
             "modules_to_save",
         )
     cw = ChunkwiseModel(model, ladders, scheduler)

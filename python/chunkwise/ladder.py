@@ -46,11 +46,13 @@ class LadderModule:
 
 
 def factor_update(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nested factors (A', B') of ``scale · b @ a`` in float64, singular values descending."""
+    """Nested factors (A', B') of ``scale · b @ a`` in float64, singular values descending; their
+    rank is min(r, in, out)."""
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     qb, rb = torch.linalg.qr(b64)  # b = qb rb, qb [out, r]
     qa, ra = torch.linalg.qr(a64.T)  # aᵀ = qa ra, qa [in, r]
-    u, s, vh = torch.linalg.svd(scale * rb @ ra.T)
+    # Thin SVD: a LoRA rank above min(in, out) (PEFT allows it) leaves min(r, in, out) directions.
+    u, s, vh = torch.linalg.svd(scale * rb @ ra.T, full_matrices=False)
     root = s.sqrt()
     return (root[:, None] * (vh @ qa.T)), ((qb @ u) * root[None, :])
 

@@ -118,7 +118,7 @@ class LoraSettings:
             return True
         if not any(key.endswith(f".{t}") for t in tm):
             return False
-        if self.layers_to_transform is None:
+        if not self.layers_to_transform:  # None or [] both mean every layer, as in PEFT
             return True
         return _layer_index(key, self.layers_pattern) in self.layers_to_transform
 

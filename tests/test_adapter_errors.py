@@ -1,0 +1,363 @@
+"""Adapters chunkwise must refuse: each raises AdapterError naming the parameter and leaves the
+model exactly as it was (same module objects, same state_dict). Pickles are never executed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import shlex
+import shutil
+
+import chunkwise
+import pytest
+import torch
+from chunkwise import AdapterError, RankLadder
+from peft_helpers import (
+    assert_matches,
+    assert_unchanged,
+    ids_batch,
+    logits,
+    make_adapter,
+    snapshot,
+    tiny_model,
+    top_rung_logits,
+    torch_threads,
+)
+from safetensors.torch import load_file, save_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+TARGETS = dict(target_modules=["q_proj", "v_proj"], r=4)
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def clean(base, tmp_path_factory):
+    """A valid adapter (q_proj + v_proj, r=4) and PEFT's output on it."""
+    path = tmp_path_factory.mktemp("clean") / "adapter"
+    pm = make_adapter(base, path, seed=5, **TARGETS)
+    ids = ids_batch(2, 9)
+    return path, logits(pm, ids), ids
+
+
+@pytest.fixture
+def adapter(clean, tmp_path):
+    """A fresh copy of the clean adapter directory to corrupt."""
+    dst = tmp_path / "adapter"
+    shutil.copytree(clean[0], dst)
+    return dst
+
+
+def _tensors(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _write_tensors(path, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+
+
+def _edit_config(path, **changes):
+    file = path / "adapter_config.json"
+    cfg = json.loads(file.read_text())
+    cfg.update(changes)
+    file.write_text(json.dumps(cfg))
+
+
+def _refused(base, path, parameter, model=None):
+    """Loading + injecting the adapter at ``path`` raises AdapterError(parameter); the model is
+    untouched. Returns the error."""
+    model = copy.deepcopy(base) if model is None else model
+    snap = snapshot(model)
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, RankLadder.from_peft(path))
+    assert ei.value.parameter == parameter, (ei.value.parameter, str(ei.value))
+    assert str(ei.value)
+    assert_unchanged(model, snap)
+    return ei.value
+
+
+def _accepted(base, path, clean):
+    _, ref, ids = clean
+    m = chunkwise.inject(copy.deepcopy(base), RankLadder.from_peft(path))
+    assert_matches(top_rung_logits(m, ids), ref, logits(base, ids))
+
+
+def test_clean_adapter_is_accepted(base, adapter, clean):
+    """Guard: every refusal below is caused by the corruption, not by the adapter itself."""
+    _accepted(base, adapter, clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# corrupt tensor files
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])
+def test_truncated_safetensors(base, adapter, keep):
+    file = adapter / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+    _refused(base, adapter, "adapter_model.safetensors")
+
+
+def test_wrong_shape_that_does_not_chain(base, adapter):
+    t = _tensors(adapter)
+    a = t[f"{Q0}.lora_A.weight"]
+    t[f"{Q0}.lora_A.weight"] = torch.randn(a.shape[0] + 1, a.shape[1])
+    _write_tensors(adapter, t)
+    e = _refused(base, adapter, "adapter_model")
+    assert "q_proj" in str(e)
+
+
+def test_wrong_shape_that_does_not_fit_the_layer(base, adapter):
+    t = _tensors(adapter)
+    a = t[f"{Q0}.lora_A.weight"]
+    t[f"{Q0}.lora_A.weight"] = torch.randn(a.shape[0], a.shape[1] + 3)  # chains, but in=35 != 32
+    _write_tensors(adapter, t)
+    e = _refused(base, adapter, "adapter_model")
+    assert "q_proj" in str(e)
+
+
+def test_missing_lora_b(base, adapter):
+    t = _tensors(adapter)
+    del t[f"{Q0}.lora_B.weight"]
+    _write_tensors(adapter, t)
+    e = _refused(base, adapter, "adapter_model")
+    assert "lora_B" in str(e)
+
+
+@pytest.mark.parametrize("part", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(base, adapter, part, value):
+    t = _tensors(adapter)
+    t[f"{Q0}.{part}.weight"][1, 2] = value
+    _write_tensors(adapter, t)
+    _refused(base, adapter, "adapter_model")
+
+
+def test_no_tensor_file(base, adapter):
+    (adapter / "adapter_model.safetensors").unlink()
+    _refused(base, adapter, "path")
+
+
+def test_not_an_adapter_directory(base, tmp_path):
+    _refused(base, tmp_path, "path")
+
+
+# ---------------------------------------------------------------------------------------------
+# config and weights disagree with each other or with the model
+
+
+def test_config_targets_modules_that_do_not_exist(base, adapter):
+    _edit_config(adapter, target_modules=["nonexistent_proj"])
+    _refused(base, adapter, "target_modules")
+
+
+def test_weights_for_a_module_the_config_does_not_target(base, adapter):
+    _edit_config(adapter, target_modules=["q_proj"])  # the weights also hold v_proj
+    _refused(base, adapter, "target_modules")
+
+
+def test_config_targets_a_module_without_weights(base, adapter):
+    _edit_config(adapter, target_modules=["q_proj", "v_proj", "k_proj"])
+    _refused(base, adapter, "target_modules")
+
+
+def test_weights_for_a_module_the_model_lacks(base, adapter):
+    t = _tensors(adapter)
+    t["base_model.model.model.layers.0.self_attn.nonexistent_proj.lora_A.weight"] = torch.randn(4, 32)
+    t["base_model.model.model.layers.0.self_attn.nonexistent_proj.lora_B.weight"] = torch.randn(32, 4)
+    _write_tensors(adapter, t)
+    _refused(base, adapter, "target_modules")
+
+
+def test_rank_mismatch_with_rank_pattern(base, adapter):
+    _edit_config(adapter, rank_pattern={"v_proj": 2})  # the weights are rank 4
+    e = _refused(base, adapter, "rank_pattern")
+    assert "v_proj" in str(e)
+
+
+def test_rank_mismatch_with_r(base, adapter):
+    _edit_config(adapter, r=8)
+    _refused(base, adapter, "rank_pattern")
+
+
+def test_adapter_for_a_different_hidden_size(base, clean, tmp_path):
+    other = tiny_model("llama", hidden=48)
+    _refused(other, clean[0], "adapter_model")
+
+
+def test_modules_to_save_for_a_parameter_the_model_lacks(base, tmp_path):
+    make_adapter(base, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    bigger = tiny_model("llama", vocab_size=128)  # lm_head 128 x 32, the saved one is 96 x 32
+    _refused(bigger, tmp_path / "a", "modules_to_save")
+
+
+# ---------------------------------------------------------------------------------------------
+# pickles and .bin files
+
+
+class _Custom:
+    """A class instance in a pickle: refusing to import it is the only safe answer."""
+
+    def __init__(self):
+        self.payload = torch.zeros(2)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _to_bin(path, obj, raw):
+    (path / "adapter_model.safetensors").unlink()
+    if raw:
+        (path / "adapter_model.bin").write_bytes(pickle.dumps(obj, protocol=2))
+    else:
+        torch.save(obj, str(path / "adapter_model.bin"))
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["torch-zip", "raw-pickle"])
+def test_pickle_with_os_system_is_refused_not_executed(base, adapter, tmp_path, raw):
+    marker = tmp_path / "pwned"
+    t = _tensors(adapter)
+    t["extra"] = _Evil(marker)
+    _to_bin(adapter, t, raw)
+    _refused(base, adapter, "adapter_model.bin")
+    assert not marker.exists(), "the pickle was executed"
+    # guard: the file really is a live payload (an unrestricted unpickler would run it)
+    if raw:
+        pickle.loads((adapter / "adapter_model.bin").read_bytes())
+        assert marker.exists()
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["torch-zip", "raw-pickle"])
+def test_pickle_with_a_custom_class_is_refused(base, adapter, raw):
+    t = _tensors(adapter)
+    t[f"{Q0}.lora_A.weight"] = _Custom()
+    _to_bin(adapter, t, raw)
+    _refused(base, adapter, "adapter_model.bin")
+
+
+def test_plain_tensor_bin_is_accepted(base, adapter, clean):
+    _to_bin(adapter, _tensors(adapter), raw=False)
+    assert not (adapter / "adapter_model.safetensors").exists()
+    _accepted(base, adapter, clean)
+
+
+def test_bin_that_is_not_a_dict_of_tensors(base, adapter):
+    _to_bin(adapter, {"a": 1, "b": [torch.zeros(2)]}, raw=False)
+    _refused(base, adapter, "adapter_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# unsupported config
+
+
+def test_dora_is_refused_by_name(base, tmp_path):
+    make_adapter(base, tmp_path / "a", use_dora=True, **TARGETS)
+    e = _refused(base, tmp_path / "a", "use_dora")
+    assert "use_dora" in str(e)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_base_bias_is_refused(base, tmp_path, bias):
+    qwen = tiny_model("qwen2")  # q/v have biases for PEFT to train
+    make_adapter(qwen, tmp_path / "a", bias=bias, **TARGETS)
+    e = _refused(qwen, tmp_path / "a", "bias")
+    assert "bias" in str(e)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("chunkwise_future_feature", 3), ("layer_replication", [[0, 2]]), ("target_parameters", ["w"])],
+)
+def test_unknown_config_key_with_a_value_is_refused_by_name(base, adapter, key, value):
+    _edit_config(adapter, **{key: value})
+    e = _refused(base, adapter, key)
+    assert key in str(e)
+
+
+@pytest.mark.parametrize("value", [None, False, [], {}])
+def test_unknown_config_key_without_a_value_is_accepted(base, adapter, clean, value):
+    _edit_config(adapter, chunkwise_future_feature=value)
+    _accepted(base, adapter, clean)
+
+
+def test_lora_on_an_embedding_is_refused(base, tmp_path):
+    make_adapter(base, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    e = _refused(base, tmp_path / "a", "adapter_model")
+    assert "embed_tokens" in str(e)
+
+
+def test_peft_type_other_than_lora(base, adapter):
+    _edit_config(adapter, peft_type="IA3")
+    _refused(base, adapter, "peft_type")
+
+
+# ---------------------------------------------------------------------------------------------
+# inject() misuse
+
+
+def test_injecting_twice_is_refused(base, adapter, clean):
+    model = copy.deepcopy(base)
+    ladder = RankLadder.from_peft(adapter)
+    m = chunkwise.inject(model, ladder)
+    snap = snapshot(model)  # the injected model
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, ladder)
+    assert ei.value.parameter == "model"
+    assert_unchanged(model, snap)
+    _, ref, ids = clean
+    assert_matches(top_rung_logits(m, ids), ref, logits(base, ids))  # the first injection still works
+
+
+def test_no_ladders(base):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, [])
+    assert ei.value.parameter == "ladders"
+    assert_unchanged(model, snap)
+
+
+def test_two_adapters_with_modules_to_save_are_refused(base, tmp_path):
+    make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    make_adapter(base, tmp_path / "b", seed=2, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, [RankLadder.from_peft(tmp_path / "a"), RankLadder.from_peft(tmp_path / "b")])
+    assert ei.value.parameter == "modules_to_save"
+    assert_unchanged(model, snap)
+
+
+def test_second_ladder_invalid_leaves_model_untouched(base, adapter, clean, tmp_path):
+    """The first ladder fits, the second does not: nothing of the first may have been attached."""
+    other = tmp_path / "bad"
+    shutil.copytree(adapter, other)
+    _edit_config(other, target_modules=["q_proj"])
+    good = RankLadder.from_peft(adapter)
+    bad = RankLadder.from_peft(other)  # loads; only inject can see it does not fit
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, [good, bad])
+    assert ei.value.parameter == "target_modules"
+    assert_unchanged(model, snap)
