@@ -207,7 +207,7 @@ def test_two_adapters_padded_run_with_plan(tmp_path):
 
 
 def test_two_adapters_one_with_modules_to_save(tmp_path):
-    # Regression (fixed): with ladders [plain, with modules_to_save=["lm_head"]], inject copies adapter 1's
+    # Fixed: with ladders [plain, with modules_to_save=["lm_head"]], inject copies adapter 1's
     # lm_head into the model for every row, so rows of adapter 0 run with adapter 1's head:
     # batch of 2 with adapters [0, 1] gives row 0 relative error ~1.0 against PEFT's adapter 0
     # alone (row 1 is exact). Expected: per-row equality, or an AdapterError at inject (the

@@ -141,7 +141,7 @@ def test_top_rung_equals_peft(tmp_path, case):
 
 
 def test_top_rung_with_rank_above_out_features_equals_peft(tmp_path):
-    # Regression (fixed): a LoRA rank larger than a layer's out_features (legal in PEFT: k_proj is 32->16 here,
+    # Fixed: a LoRA rank larger than a layer's out_features (legal in PEFT: k_proj is 32->16 here,
     # r=24) crashes RankLadder.from_peft with a raw RuntimeError ("The size of tensor a (16) must
     # match the size of tensor b (24)") from factor_update: torch.linalg.svd is called with the
     # default full_matrices=True, so vh is [r, r] while s has min(out, r) values. Expected: a
@@ -154,7 +154,7 @@ def test_top_rung_with_rank_above_out_features_equals_peft(tmp_path):
 
 
 def test_empty_layers_to_transform_means_every_layer_like_peft(tmp_path):
-    # Regression (fixed): PEFT treats layers_to_transform=[] (which it saves as such in adapter_config.json) as
+    # Fixed: PEFT treats layers_to_transform=[] (which it saves as such in adapter_config.json) as
     # "no layer restriction" and adapts q_proj/v_proj of every layer; chunkwise's
     # LoraSettings.targets treats the empty tuple as "no layer allowed", so inject raises
     # AdapterError("its target_modules match no linear layer of this model") for a valid adapter.
