@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from chunkwise.plan import PLAN_ARRAYS
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -61,24 +62,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "probe": 1.0,
 }
 
-PLAN_KEYS: tuple[str, ...] = (
-    "seq_offsets",
-    "difficulty",
-    "chunk_offsets",
-    "chunk_seq",
-    "chunk_rung",
-    "chunk_rank",
-    "chunk_difficulty",
-    "token_rank",
-    "token_lo",
-    "gate_lo",
-    "gate_hi",
-    "seg_offsets",
-    "seg_rank",
-    "seg_scale",
-    "seg_adapter",
-    "thresholds",
-)
+PLAN_KEYS: tuple[str, ...] = PLAN_ARRAYS
 
 _F32 = np.float32
 _F64 = np.float64

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "PLAN_ARRAYS"]
 
-_FIELDS = (
+#: Names of the arrays of a plan, in the order the Rust core returns them.
+PLAN_ARRAYS: tuple[str, ...] = (
     "seq_offsets",
     "difficulty",
     "chunk_offsets",
@@ -66,7 +67,7 @@ class Plan:
         """Wraps the dict the Rust core returns; arrays are made read-only, not copied."""
         for a in arrays.values():
             a.flags.writeable = False
-        return cls(**{k: arrays[k] for k in _FIELDS}, rungs=tuple(rungs))
+        return cls(**{k: arrays[k] for k in PLAN_ARRAYS}, rungs=tuple(rungs))
 
     @property
     def n_tokens(self) -> int:

@@ -51,14 +51,15 @@ impl DifficultyState {
         id: i64,
         sig: TokenSignals,
     ) -> Result<f32> {
-        let table = rarity.filter(|_| cfg.weights.rarity > 0.0);
-        let has = [
-            sig.entropy.is_some(),
-            sig.surprisal.is_some(),
-            sig.probe.is_some(),
-            table.is_some(),
-        ];
-        let mix = Mix::new(cfg, has, self.novelty.is_some());
+        let (table, mix) = self.mix_for(
+            cfg,
+            rarity,
+            [
+                sig.entropy.is_some(),
+                sig.surprisal.is_some(),
+                sig.probe.is_some(),
+            ],
+        );
         let v = [
             sig.entropy.unwrap_or(0.0),
             sig.surprisal.unwrap_or(0.0),
@@ -79,14 +80,15 @@ impl DifficultyState {
         ids: &[i64],
         sig: SignalArrays<'_>,
     ) -> Result<Vec<f32>> {
-        let table = rarity.filter(|_| cfg.weights.rarity > 0.0);
-        let has = [
-            sig.entropy.is_some(),
-            sig.surprisal.is_some(),
-            sig.probe.is_some(),
-            table.is_some(),
-        ];
-        let mix = Mix::new(cfg, has, self.novelty.is_some());
+        let (table, mix) = self.mix_for(
+            cfg,
+            rarity,
+            [
+                sig.entropy.is_some(),
+                sig.surprisal.is_some(),
+                sig.probe.is_some(),
+            ],
+        );
         let w = mix.w;
         let mut num = vec![0.0f64; ids.len()];
         add_column(&mut num, w[0], sig.entropy.unwrap_or(&[]).iter().copied());
@@ -121,6 +123,19 @@ impl DifficultyState {
             .collect();
         self.smoothed = smoothed;
         Ok(out)
+    }
+
+    /// The rarity table in use (only with a positive weight) and the weights of the signals
+    /// present (entropy, surprisal, probe as given; rarity, novelty, position from the state).
+    fn mix_for<'t>(
+        &self,
+        cfg: &SchedulerConfig,
+        rarity: Option<&'t RarityTable>,
+        given: [bool; 3],
+    ) -> (Option<&'t RarityTable>, Mix) {
+        let table = rarity.filter(|_| cfg.weights.rarity > 0.0);
+        let has = [given[0], given[1], given[2], table.is_some()];
+        (table, Mix::new(cfg, has, self.novelty.is_some()))
     }
 
     /// One token: the id-derived signals, the weighted mix and the EMA.

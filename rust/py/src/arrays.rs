@@ -1,8 +1,9 @@
 //! Zero-copy access to numpy arrays, with errors that name the parameter instead of PyO3's
 //! generic conversion errors: wrong type, dtype, dimensionality or a non-contiguous layout.
 
+use numpy::ndarray::{Dimension, Ix1, Ix2};
 use numpy::{
-    Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    Element, PyArray, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1, PyReadonlyArray2,
     PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
@@ -29,19 +30,20 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
     }
 }
 
-/// A 1-D, C-contiguous array of `T`, borrowed read-only.
-pub fn array1<'py, T: Element>(
+/// An n-d (n fixed by `D`), C-contiguous array of `T`, borrowed read-only.
+fn array<'py, T: Element, D: Dimension>(
     obj: &Bound<'py, PyAny>,
     param: &str,
     dtype: &str,
-) -> PyResult<PyReadonlyArray1<'py, T>> {
+) -> PyResult<PyReadonlyArray<'py, T, D>> {
     let py = obj.py();
-    let arr = obj.cast::<PyArray1<T>>().map_err(|_| {
+    let arr = obj.cast::<PyArray<T, D>>().map_err(|_| {
+        let nd = D::NDIM.map_or("n".to_string(), |n| n.to_string());
         input_err(
             py,
             param,
             format!(
-                "must be a 1-d numpy array of {dtype}, got {}",
+                "must be a {nd}-d numpy array of {dtype}, got {}",
                 describe(obj)
             ),
         )
@@ -54,6 +56,15 @@ pub fn array1<'py, T: Element>(
         ));
     }
     Ok(arr.readonly())
+}
+
+/// A 1-D, C-contiguous array of `T`, borrowed read-only.
+pub fn array1<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    param: &str,
+    dtype: &str,
+) -> PyResult<PyReadonlyArray1<'py, T>> {
+    array::<T, Ix1>(obj, param, dtype)
 }
 
 /// Optional variant of [`array1`] (`None` passes through).
@@ -73,25 +84,7 @@ pub fn array2<'py, T: Element>(
     param: &str,
     dtype: &str,
 ) -> PyResult<PyReadonlyArray2<'py, T>> {
-    let py = obj.py();
-    let arr = obj.cast::<PyArray2<T>>().map_err(|_| {
-        input_err(
-            py,
-            param,
-            format!(
-                "must be a 2-d numpy array of {dtype}, got {}",
-                describe(obj)
-            ),
-        )
-    })?;
-    if !arr.is_c_contiguous() {
-        return Err(input_err(
-            py,
-            param,
-            "must be C-contiguous (use numpy.ascontiguousarray)",
-        ));
-    }
-    Ok(arr.readonly())
+    array::<T, Ix2>(obj, param, dtype)
 }
 
 /// Slice of a contiguous read-only array (contiguity was checked on construction).
