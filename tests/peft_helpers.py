@@ -6,7 +6,6 @@ transformers configs (no hub access), in float32, in eval mode, from fixed seeds
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -36,18 +35,6 @@ ATTN_TARGETS = {
     "qwen2": ["q_proj", "v_proj", "gate_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Runs the block with ``n`` torch threads, restoring the previous count afterwards (these
-    matrices are tiny: on a loaded 2-core machine, thread hand-offs dominate every float64 QR/SVD)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def tiny_model(arch: str = "llama", hidden: int = 32, seed: int = 0, **overrides: Any) -> nn.Module:

@@ -23,17 +23,13 @@ from peft_helpers import (
     snapshot,
     tiny_model,
     top_rung_logits,
-    torch_threads,
 )
 from safetensors.torch import load_file, save_file
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 TARGETS = dict(target_modules=["q_proj", "v_proj"], r=4)

@@ -24,17 +24,13 @@ from peft_helpers import (
     snapshot,
     tiny_model,
     top_rung_logits,
-    torch_threads,
 )
 from torch import nn
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 TARGETS = {
