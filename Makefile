@@ -22,13 +22,13 @@ test-rust:  ## Rust tests only
 lint:  ## clippy, rustfmt, ruff
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all -- --check
-	ruff check python tests benches
-	ruff format --check python tests benches
+	ruff check python tests benches scripts
+	ruff format --check python tests benches scripts
 
 fmt:  ## format Rust and Python
 	cargo fmt --all
-	ruff format python tests benches
-	ruff check --fix python tests benches
+	ruff format python tests benches scripts
+	ruff check --fix python tests benches scripts
 
 # Saved baselines live in the repo, one folder per machine kind (KIND=rust-pyo3 is CI's kind).
 KIND ?= rust-pyo3
