@@ -87,6 +87,7 @@ def _plan_text(text: str, args: argparse.Namespace) -> int:
         rungs=tuple(args.rungs),
         min_len=args.min_len,
         max_len=args.max_len,
+        granularity=args.granularity,
         chunk_penalty=args.penalty,
         crossfade=min(args.crossfade, args.min_len),
         ema=args.ema,
@@ -133,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--min-len", type=_positive, default=4, help="shortest chunk in tokens (default: 4)")
         sp.add_argument("--max-len", type=_positive, default=48, help="longest chunk in tokens (default: 48)")
+        sp.add_argument(
+            "--granularity",
+            type=_positive,
+            default=4,
+            help="chunk boundaries fall on multiples of this many tokens; --min-len and --max-len must "
+            "be multiples of it (default: 4)",
+        )
         sp.add_argument(
             "--penalty",
             type=float,
