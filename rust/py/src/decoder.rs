@@ -14,6 +14,21 @@ use crate::errors::{input_err, IntoPyResult};
 use crate::scheduler::Scheduler;
 
 /// Per-step outputs, one entry per sequence; rewritten in place by every `step`.
+/// Mutable view of one output array; a borrow conflict is an error, not a panic.
+fn borrow<'py, T: numpy::Element>(
+    arr: &'py Py<PyArray1<T>>,
+    py: Python<'py>,
+) -> PyResult<numpy::PyReadwriteArray1<'py, T>> {
+    arr.bind(py).try_readwrite().map_err(|e| {
+        crate::errors::chunkwise_err(
+            py,
+            "StateError",
+            "out",
+            format!("out: output array is in use ({e})"),
+        )
+    })
+}
+
 #[pyclass(module = "chunkwise._core")]
 pub struct DecodeBatch {
     planner: Arc<Planner>,
@@ -86,14 +101,14 @@ impl DecodeBatch {
             surprisal: opt_slice(&surprisal),
             probe: opt_slice(&probe),
         };
-        let mut rank = self.rank.bind(py).readwrite();
-        let mut lo = self.lo.bind(py).readwrite();
-        let mut gate_lo = self.gate_lo.bind(py).readwrite();
-        let mut gate_hi = self.gate_hi.bind(py).readwrite();
-        let mut scale = self.scale.bind(py).readwrite();
-        let mut rung = self.rung.bind(py).readwrite();
-        let mut difficulty = self.difficulty.bind(py).readwrite();
-        let mut new_chunk = self.new_chunk.bind(py).readwrite();
+        let mut rank = borrow(&self.rank, py)?;
+        let mut lo = borrow(&self.lo, py)?;
+        let mut gate_lo = borrow(&self.gate_lo, py)?;
+        let mut gate_hi = borrow(&self.gate_hi, py)?;
+        let mut scale = borrow(&self.scale, py)?;
+        let mut rung = borrow(&self.rung, py)?;
+        let mut difficulty = borrow(&self.difficulty, py)?;
+        let mut new_chunk = borrow(&self.new_chunk, py)?;
         let mut out = StepBuffers {
             rank: rank.as_slice_mut()?,
             lo: lo.as_slice_mut()?,
