@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .errors import StateError
 from .ladder import LadderModule
 from .token_plan import TokenPlan
@@ -48,6 +49,7 @@ class ChunkwiseLinear(nn.Module):
         self.in_features, self.out_features = shape
         self._plan_source = plan_source
         self._ranks: dict[int, int] = {}
+        self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
 
     def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
         """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype)."""
@@ -62,6 +64,17 @@ class ChunkwiseLinear(nn.Module):
         self.register_buffer(f"ladder_bias_{adapter}", bias, persistent=False)
         self._ranks[adapter] = ladder.rank
 
+    def _lora_factors(self) -> kernels.LoraFactors:
+        """The ladders as the CUDA kernels read them; rebuilt when a buffer moved (.to())."""
+        pairs = [
+            (getattr(self, f"ladder_a_{i}"), getattr(self, f"ladder_b_{i}")) if i in self._ranks else None
+            for i in range(max(self._ranks) + 1)
+        ]
+        key = tuple(t.data_ptr() for p in pairs if p is not None for t in p)
+        if self._factors is None or self._factors[0] != key:
+            self._factors = (key, kernels.LoraFactors(pairs))
+        return self._factors[1]
+
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         plan = self._plan_source()
@@ -75,6 +88,22 @@ class ChunkwiseLinear(nn.Module):
                 "plan",
             )
         y2 = y.view(-1, self.out_features)
+        if (
+            plan.segments is not None
+            and kernels.use_cuda_kernels(x2)
+            and x2.dtype == y2.dtype == self.base_layer.weight.dtype
+        ):
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            kernels.lora_delta_cuda(x2, y2, self._lora_factors(), **plan.segments.kwargs())
+            for block in plan.blocks:  # lora_B biases (lora_bias=True) apply at every rung
+                bias = getattr(self, f"ladder_bias_{block.adapter}") if block.adapter in self._ranks else None
+                if bias is None:
+                    continue
+                if block.rows is None:
+                    y2.add_(bias)
+                else:
+                    y2.index_add_(0, block.rows, bias.expand(len(block.rows), -1))
+            return y
         for block in plan.blocks:
             full = self._ranks.get(block.adapter)
             if full is None:

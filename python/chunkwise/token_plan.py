@@ -40,6 +40,8 @@ class TokenPlan:
 
     n_tokens: int
     blocks: list[AdapterBlock]
+    #: The same plan as kernel segments on the device (CUDA devices only; see chunkwise.kernels).
+    segments: Any = None
 
     @classmethod
     def build(
@@ -75,7 +77,14 @@ class TokenPlan:
                     r_max,
                 )
             )
-        return cls(n_rows, blocks)
+        segments = None
+        if torch.device(device).type == "cuda":
+            from .kernels import KernelSegments
+
+            segments = KernelSegments.from_token_arrays(
+                token_rank, token_lo, gate_lo, gate_hi, scale, token_adapter, rows, n_rows, device
+            )
+        return cls(n_rows, blocks, segments)
 
     @classmethod
     def from_plan(
