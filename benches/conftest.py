@@ -88,4 +88,4 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.line(line)
     for name, (x, target) in sorted(_TIMINGS.speedup.items()):
         verdict = "met" if x >= target else "NOT met"
-        tr.line(f"speedup {name:18s} {x:9.1f}x   target >= {target:.0f}x: {verdict}")
+        tr.line(f"speedup {name:18s} {x:9.1f}x   target >= {target:.3g}x: {verdict}")
