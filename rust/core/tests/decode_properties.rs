@@ -9,7 +9,7 @@ use chunkwise_core::decode::DecodeBatch;
 use chunkwise_core::difficulty::SignalArrays;
 use chunkwise_core::SchedulerConfig;
 use common::decode_gen::{config, pt, streams, Out, Streams};
-use common::reference::ramp_gates;
+use common::reference::check_ramp_token;
 use common::{budget_rung, equal_scales};
 use proptest::prelude::*;
 
@@ -112,17 +112,7 @@ fn check_sequence(
         let i = len - 1;
         match ramp_from {
             Some(a) if i < cfg.crossfade => {
-                let (want_lo, want_hi) = ramp_gates(cfg, a, b, i);
-                prop_assert_eq!((rank, lo), (a.max(b), a.min(b)), "step {}", t);
-                prop_assert!(
-                    (glo as f64 - want_lo).abs() <= 1e-6 * want_lo.max(1.0)
-                        && (ghi as f64 - want_hi).abs() < 1e-6,
-                    "gates {} {} vs {} {}",
-                    glo,
-                    ghi,
-                    want_lo,
-                    want_hi
-                );
+                check_ramp_token(cfg, (a, b, i), (rank, lo, glo, ghi), &format!("step {t}"))?;
             }
             _ => prop_assert_eq!((rank, lo, glo, ghi), (b, b, 1.0, 1.0), "step {}", t),
         }

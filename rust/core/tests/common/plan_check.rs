@@ -4,7 +4,7 @@
 use super::equal_scales;
 use super::ladder_check::{check_budget, check_rungs};
 use super::plan_gen::Batch;
-use super::reference::{exact_split_on_grid, lengths_ok, ramp_gates};
+use super::reference::{check_ramp_token, exact_split_on_grid, lengths_ok};
 use chunkwise_core::segment::sse;
 use chunkwise_core::{Plan, SchedulerConfig};
 use proptest::prelude::*;
@@ -148,17 +148,12 @@ fn check_gates(cfg: &SchedulerConfig, p: &Plan, lay: &Layout) -> Result<(), Test
             }
             match prev {
                 Some(a) if a != bb && i < cfg.crossfade => {
-                    let (want_lo, want_hi) = ramp_gates(cfg, a, bb, i);
-                    prop_assert_eq!((rank, tlo), (a.max(bb), a.min(bb)), "ramp token {}", t);
-                    prop_assert!(
-                        (glo as f64 - want_lo).abs() <= 1e-6 * want_lo.max(1.0)
-                            && (ghi as f64 - want_hi).abs() < 1e-6,
-                        "gates {} {} vs {} {}",
-                        glo,
-                        ghi,
-                        want_lo,
-                        want_hi
-                    );
+                    check_ramp_token(
+                        cfg,
+                        (a, bb, i),
+                        (rank, tlo, glo, ghi),
+                        &format!("token {t}"),
+                    )?;
                 }
                 _ => prop_assert_eq!(
                     (rank, tlo, glo, ghi),

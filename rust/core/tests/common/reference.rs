@@ -89,6 +89,29 @@ pub fn ramp_gates(cfg: &SchedulerConfig, a: i32, b: i32, i: usize) -> (f64, f64)
     (want_lo, want_hi)
 }
 
+/// Checks token `i` of a ramp from rank `a` to `b` against §4: it runs at the larger rank, the
+/// band starts at the smaller one, and its gates follow [`ramp_gates`]. `at` labels the token.
+pub fn check_ramp_token(
+    cfg: &SchedulerConfig,
+    (a, b, i): (i32, i32, usize),
+    (rank, lo, glo, ghi): (i32, i32, f32, f32),
+    at: &str,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let (want_lo, want_hi) = ramp_gates(cfg, a, b, i);
+    proptest::prop_assert_eq!((rank, lo), (a.max(b), a.min(b)), "ramp {}", at);
+    proptest::prop_assert!(
+        (glo as f64 - want_lo).abs() <= 1e-6 * want_lo.max(1.0)
+            && (ghi as f64 - want_hi).abs() < 1e-6,
+        "gates {} {} vs {} {} at {}",
+        glo,
+        ghi,
+        want_lo,
+        want_hi,
+        at
+    );
+    Ok(())
+}
+
 /// Reference difficulty of §1, straight from the formulas (novelty by brute force).
 pub fn reference_difficulty(cfg: &SchedulerConfig, b: &Batch) -> Vec<f64> {
     let w = &cfg.weights;
