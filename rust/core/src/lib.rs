@@ -2,7 +2,8 @@
 //!
 //! Plain arrays in, plain arrays out: no Python, no torch, no CUDA. The pieces, in the order a
 //! plan is built: [`signals`] → [`difficulty`] → [`segment`] → [`ladder`] → [`compose`], driven
-//! by [`plan`] for prefill and [`decode`] for streaming generation.
+//! by [`plan`] for prefill and [`decode`] for streaming generation; [`kv`] keeps the books of
+//! policy-driven KV caches.
 
 pub mod config;
 pub mod difficulty;
@@ -14,6 +15,7 @@ pub use config::{RungMode, SchedulerConfig, SignalWeights};
 pub use error::{CoreError, Result};
 pub mod compose;
 pub mod decode;
+pub mod kv;
 pub mod ladder;
 pub mod plan;
 

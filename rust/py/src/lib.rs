@@ -7,6 +7,7 @@ mod arrays;
 mod config;
 mod decoder;
 mod errors;
+mod kv;
 mod scheduler;
 mod signals;
 
@@ -17,6 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<config::Config>()?;
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<decoder::DecodeBatch>()?;
+    m.add_class::<kv::KvLedger>()?;
     m.add_function(wrap_pyfunction!(signals::entropy_from_logits, m)?)?;
     m.add_function(wrap_pyfunction!(signals::surprisal_from_logits, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

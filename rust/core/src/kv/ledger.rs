@@ -1,0 +1,256 @@
+//! Per-slot bookkeeping of a batch of KV caches, and the eviction decision.
+//!
+//! Slots are kept in column order (a column is a token's index in the padded stream the model
+//! saw, padding included). Every row holds the same number of slots. Left padding occupies the
+//! first `pad[b]` columns of row `b`; a row keeps padding slots only while it has fewer real
+//! tokens than slots, and then exactly `slots - real` of them, at the front. That invariant is
+//! what lets an attention mask over the *last* `slots` columns of the 2-D padding mask stay right
+//! after any eviction (docs/architecture.md §6).
+
+use super::policy::KvPolicy;
+use crate::error::{check_unit, CoreError, Result};
+
+/// One sequence's slots.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    column: Vec<u64>,
+    chunk: Vec<u64>,
+    difficulty: Vec<f32>,
+    score: Vec<f32>,
+}
+
+impl Row {
+    fn gather(&mut self, keep: &[usize]) {
+        self.column = keep.iter().map(|&i| self.column[i]).collect();
+        self.chunk = keep.iter().map(|&i| self.chunk[i]).collect();
+        self.difficulty = keep.iter().map(|&i| self.difficulty[i]).collect();
+        self.score = keep.iter().map(|&i| self.score[i]).collect();
+    }
+
+    /// Each slot's difficulty replaced by the mean over its chunk (a maximal run of equal chunk
+    /// ids), so a hard chunk's tokens stay or go together.
+    fn chunk_difficulty(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.chunk.len()];
+        let mut start = 0;
+        while start < self.chunk.len() {
+            let end = start
+                + self.chunk[start..]
+                    .iter()
+                    .take_while(|&&c| c == self.chunk[start])
+                    .count();
+            let mean = self.difficulty[start..end].iter().sum::<f32>() / (end - start) as f32;
+            out[start..end].fill(mean);
+            start = end;
+        }
+        out
+    }
+}
+
+/// Bookkeeping of a batch of KV caches under one [`KvPolicy`].
+#[derive(Debug, Clone)]
+pub struct KvLedger {
+    policy: KvPolicy,
+    pad: Vec<usize>,
+    seen: usize,
+    rows: Vec<Row>,
+}
+
+impl KvLedger {
+    /// An empty ledger for `pad.len()` sequences with `pad[b]` columns of left padding each.
+    pub fn new(policy: KvPolicy, pad: Vec<usize>) -> Result<Self> {
+        policy.validate()?;
+        if pad.is_empty() {
+            return Err(CoreError::input("batch_size", "must be at least 1"));
+        }
+        Ok(Self {
+            policy,
+            rows: vec![Row::default(); pad.len()],
+            pad,
+            seen: 0,
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &KvPolicy {
+        &self.policy
+    }
+
+    /// Number of sequences.
+    pub fn batch_size(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Slots held per sequence.
+    pub fn len(&self) -> usize {
+        self.rows[0].column.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Columns appended so far (tokens seen per sequence, padding included).
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Left padding of each sequence.
+    pub fn padding(&self) -> &[usize] {
+        &self.pad
+    }
+
+    /// Slots per sequence once [`Self::evict`] has run: what the next forward attends to
+    /// (besides its own tokens).
+    pub fn pending_len(&self) -> usize {
+        match self.policy.budget {
+            Some(b) if self.len() > b + self.policy.slack => b,
+            _ => self.len(),
+        }
+    }
+
+    /// Appends `n` columns to every row. `difficulty` (row-major [batch, n], each in [0, 1])
+    /// and `chunk` ([batch, n] chunk ids) default to 0 and to one chunk per token.
+    pub fn append(
+        &mut self,
+        n: usize,
+        difficulty: Option<&[f32]>,
+        chunk: Option<&[u64]>,
+    ) -> Result<()> {
+        let want = self.rows.len() * n;
+        if let Some(d) = difficulty {
+            if d.len() != want {
+                return Err(CoreError::input(
+                    "difficulty",
+                    format!(
+                        "has {} values for {} sequences x {n} tokens",
+                        d.len(),
+                        self.rows.len()
+                    ),
+                ));
+            }
+            check_unit("difficulty", d)?;
+        }
+        if let Some(c) = chunk {
+            if c.len() != want {
+                return Err(CoreError::input(
+                    "chunk",
+                    format!(
+                        "has {} values for {} sequences x {n} tokens",
+                        c.len(),
+                        self.rows.len()
+                    ),
+                ));
+            }
+        }
+        for (b, row) in self.rows.iter_mut().enumerate() {
+            for i in 0..n {
+                let col = (self.seen + i) as u64;
+                row.column.push(col);
+                row.chunk.push(chunk.map_or(col, |c| c[b * n + i]));
+                row.difficulty
+                    .push(difficulty.map_or(0.0, |d| d[b * n + i]));
+                row.score.push(0.0);
+            }
+        }
+        self.seen += n;
+        Ok(())
+    }
+
+    /// Adds attention received by each slot (row-major [batch, len], finite, >= 0).
+    pub fn add_scores(&mut self, scores: &[f32]) -> Result<()> {
+        let len = self.len();
+        if scores.len() != self.rows.len() * len {
+            return Err(CoreError::input(
+                "scores",
+                format!(
+                    "has {} values; the cache holds {} sequences x {len} slots",
+                    scores.len(),
+                    self.rows.len()
+                ),
+            ));
+        }
+        if let Some(i) = scores.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+            return Err(CoreError::input(
+                "scores",
+                format!(
+                    "value at index {i} is {} (must be finite and >= 0)",
+                    scores[i]
+                ),
+            ));
+        }
+        for (row, s) in self.rows.iter_mut().zip(scores.chunks_exact(len.max(1))) {
+            row.score.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// Runs the eviction if the cache is over `budget + slack`: returns the slot indices each
+    /// row keeps (row-major [batch, budget], ascending), already applied to the ledger. `None`
+    /// when nothing is evicted.
+    pub fn evict(&mut self) -> Option<Vec<usize>> {
+        let target = self.pending_len();
+        if target == self.len() {
+            return None;
+        }
+        let mut all = Vec::with_capacity(self.rows.len() * target);
+        for (b, row) in self.rows.iter_mut().enumerate() {
+            let keep = select(&self.policy, row, self.pad[b] as u64, target);
+            row.gather(&keep);
+            all.extend_from_slice(&keep);
+        }
+        Some(all)
+    }
+
+    /// Columns held by each row (row-major [batch, len]).
+    pub fn columns(&self) -> Vec<u64> {
+        self.rows
+            .iter()
+            .flat_map(|r| r.column.iter().copied())
+            .collect()
+    }
+
+    /// Accumulated attention of each slot (row-major [batch, len]).
+    pub fn scores(&self) -> Vec<f32> {
+        self.rows
+            .iter()
+            .flat_map(|r| r.score.iter().copied())
+            .collect()
+    }
+}
+
+/// The `target` slots one row keeps, ascending. See the module docs for padding.
+fn select(policy: &KvPolicy, row: &Row, pad: u64, target: usize) -> Vec<usize> {
+    let real: Vec<usize> = (0..row.column.len())
+        .filter(|&i| row.column[i] >= pad)
+        .collect();
+    let n_pad = row.column.len() - real.len();
+    if real.len() <= target {
+        // Padding slots come first in column order: keep the last `target - real` of them.
+        let pads = target - real.len();
+        return (n_pad - pads..n_pad).chain(real).collect();
+    }
+    let sinks = policy.sinks.min(target);
+    let window = policy.window.min(target - sinks);
+    let middle = &real[sinks..real.len() - window];
+    let room = target - sinks - window;
+    let mut chosen: Vec<usize> = if policy.scored() {
+        let diff = row.chunk_difficulty();
+        let max_attn = middle.iter().map(|&i| row.score[i]).fold(0.0f32, f32::max);
+        let norm = if max_attn > 0.0 { 1.0 / max_attn } else { 0.0 };
+        let value = |i: usize| {
+            policy.attention_weight * row.score[i] * norm + policy.difficulty_weight * diff[i]
+        };
+        let mut ranked = middle.to_vec();
+        // Highest value first; ties keep the newer token.
+        ranked.sort_by(|&a, &b| value(b).total_cmp(&value(a)).then(b.cmp(&a)));
+        ranked.truncate(room);
+        ranked
+    } else {
+        middle[middle.len() - room..].to_vec()
+    };
+    chosen.extend_from_slice(&real[..sinks]);
+    chosen.extend_from_slice(&real[real.len() - window..]);
+    chosen.sort_unstable();
+    chosen
+}

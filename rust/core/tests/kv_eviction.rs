@@ -1,0 +1,221 @@
+//! KV ledger: eviction decisions against a brute-force reference, the padding/mask invariant,
+//! and errors for bad policies and inputs.
+
+mod common;
+
+use chunkwise_core::kv::{KvLedger, KvPolicy};
+use chunkwise_core::CoreError;
+use proptest::prelude::*;
+
+/// A reference slot: (column, chunk, difficulty, score).
+type Slot = (u64, u64, f32, f32);
+
+/// Brute force: rank every real slot by (protected, value, column) and keep the best `target`;
+/// padding fills the rest from the newest padding slot backwards.
+fn reference_keep(policy: &KvPolicy, row: &[Slot], pad: u64, target: usize) -> Vec<u64> {
+    let real: Vec<&Slot> = row.iter().filter(|s| s.0 >= pad).collect();
+    let pads: Vec<&Slot> = row.iter().filter(|s| s.0 < pad).collect();
+    if real.len() <= target {
+        let mut keep: Vec<u64> = pads[pads.len() - (target - real.len())..]
+            .iter()
+            .map(|s| s.0)
+            .collect();
+        keep.extend(real.iter().map(|s| s.0));
+        return keep;
+    }
+    let n = real.len();
+    let sinks = policy.sinks.min(target);
+    let window = policy.window.min(target - sinks);
+    let middle_max = real[sinks..n - window]
+        .iter()
+        .map(|s| s.3)
+        .fold(0.0f32, f32::max);
+    let chunk_mean = |c: u64| {
+        // The mean difficulty of the run of equal chunk ids containing this chunk.
+        let idx: Vec<usize> = (0..row.len()).filter(|&i| row[i].1 == c).collect();
+        idx.iter().map(|&i| row[i].2).sum::<f32>() / idx.len() as f32
+    };
+    let mut ranked: Vec<(bool, f32, u64)> = real
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let protected = i < sinks || i >= n - window;
+            let attn = if middle_max > 0.0 {
+                s.3 / middle_max
+            } else {
+                0.0
+            };
+            let value = if policy.scored() {
+                policy.attention_weight * attn + policy.difficulty_weight * chunk_mean(s.1)
+            } else {
+                0.0
+            };
+            (protected, value, s.0)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(b.2.cmp(&a.2)));
+    let mut keep: Vec<u64> = ranked[..target].iter().map(|r| r.2).collect();
+    keep.sort_unstable();
+    keep
+}
+
+fn policies() -> impl Strategy<Value = KvPolicy> {
+    (0usize..4, 0usize..12, 0usize..20, 0usize..6, 0u8..4).prop_map(
+        |(sinks, window, extra, slack, w)| KvPolicy {
+            sinks,
+            window,
+            budget: Some(sinks + window + extra + 1),
+            slack,
+            attention_weight: if w & 1 == 1 { 1.0 } else { 0.0 },
+            difficulty_weight: if w & 2 == 2 { 0.7 } else { 0.0 },
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(common::pt_seeded(200, 0x6b76))]
+
+    /// Every eviction keeps exactly the reference's columns, and the slot layout always matches
+    /// the last `len` columns of the padding mask.
+    #[test]
+    fn evictions_match_reference(
+        policy in policies(),
+        pads in prop::collection::vec(0usize..30, 1..4),
+        prefill in 1usize..40,
+        steps in prop::collection::vec((1usize..4, any::<u32>()), 1..60),
+    ) {
+        let batch = pads.len();
+        let width = prefill.max(*pads.iter().max().unwrap());
+        let mut ledger = KvLedger::new(policy, pads.clone()).unwrap();
+        let mut rows: Vec<Vec<Slot>> = vec![Vec::new(); batch];
+        // Chunk ids grow with the column, as a decoder's chunk counter does.
+        let chunk_of = |col: usize| (col / (1 + prefill % 7)) as u64 * 3 + 1;
+        for (step, &(n, seed)) in std::iter::once(&(width, 17u32)).chain(steps.iter()).enumerate() {
+            // Evict as the next forward would, and compare with the reference.
+            let target = ledger.pending_len();
+            if let Some(keep) = ledger.evict() {
+                for (b, row) in rows.iter_mut().enumerate() {
+                    let want = reference_keep(&policy, row, pads[b] as u64, target);
+                    let idx = &keep[b * target..(b + 1) * target];
+                    let got: Vec<u64> = idx.iter().map(|&i| row[i].0).collect();
+                    prop_assert_eq!(&got, &want, "row {} step {}", b, step);
+                    *row = idx.iter().map(|&i| row[i]).collect();
+                }
+            }
+            let seen = ledger.seen();
+            let diff: Vec<f32> = (0..batch * n).map(|i| ((i as u32 ^ seed) % 11) as f32 / 10.0).collect();
+            let chunk: Vec<u64> = (0..batch * n).map(|i| chunk_of(seen + i % n)).collect();
+            ledger.append(n, Some(&diff), Some(&chunk)).unwrap();
+            for (b, row) in rows.iter_mut().enumerate() {
+                for i in 0..n {
+                    row.push(((seen + i) as u64, chunk[b * n + i], diff[b * n + i], 0.0));
+                }
+            }
+            let len = ledger.len();
+            let scores: Vec<f32> = (0..batch * len).map(|i| ((i as u32).wrapping_mul(seed | 1) % 13) as f32).collect();
+            ledger.add_scores(&scores).unwrap();
+            for (b, row) in rows.iter_mut().enumerate() {
+                for (j, slot) in row.iter_mut().enumerate() {
+                    slot.3 += scores[b * len + j];
+                }
+            }
+            let cols = ledger.columns();
+            for (b, &pad) in pads.iter().enumerate() {
+                for j in 0..len {
+                    let slot_is_pad = cols[b * len + j] < pad as u64;
+                    let mask_is_pad = ledger.seen() - len + j < pad;
+                    prop_assert_eq!(slot_is_pad, mask_is_pad, "row {} slot {}", b, j);
+                }
+            }
+            prop_assert!(len <= policy.budget.unwrap() + policy.slack + n.max(width));
+        }
+    }
+}
+
+#[test]
+fn full_policy_never_evicts() {
+    let mut ledger = KvLedger::new(KvPolicy::full(), vec![0, 3]).unwrap();
+    for _ in 0..500 {
+        ledger.append(1, None, None).unwrap();
+        assert!(ledger.evict().is_none());
+    }
+    assert_eq!(ledger.len(), 500);
+}
+
+#[test]
+fn window_stays_flat_over_ten_thousand_steps() {
+    let policy = KvPolicy {
+        window: 64,
+        budget: Some(64),
+        slack: 8,
+        ..KvPolicy::full()
+    };
+    let mut ledger = KvLedger::new(policy, vec![0]).unwrap();
+    for _ in 0..10_000 {
+        ledger.evict();
+        ledger.append(1, None, None).unwrap();
+        assert!(ledger.len() <= 64 + 8 + 1);
+    }
+    ledger.evict();
+    let cols = ledger.columns();
+    assert_eq!(cols.len(), 64);
+    assert_eq!(cols[0], 10_000 - 64);
+}
+
+fn config_param(policy: KvPolicy) -> &'static str {
+    match KvLedger::new(policy, vec![0]) {
+        Err(CoreError::InvalidConfig { param, .. }) => param,
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_policies_name_their_parameter() {
+    let base = KvPolicy::full();
+    let small = KvPolicy {
+        sinks: 4,
+        window: 8,
+        budget: Some(10),
+        ..base
+    };
+    assert_eq!(config_param(small), "budget");
+    assert_eq!(
+        config_param(KvPolicy {
+            budget: Some(0),
+            ..base
+        }),
+        "budget"
+    );
+    assert_eq!(
+        config_param(KvPolicy {
+            attention_weight: -1.0,
+            ..base
+        }),
+        "attention_weight"
+    );
+    assert_eq!(
+        config_param(KvPolicy {
+            difficulty_weight: f32::NAN,
+            ..base
+        }),
+        "difficulty_weight"
+    );
+}
+
+#[test]
+fn bad_inputs_name_their_parameter() {
+    let mut ledger = KvLedger::new(KvPolicy::full(), vec![0, 0]).unwrap();
+    let err = ledger.append(2, Some(&[0.5; 3]), None).unwrap_err();
+    assert_eq!(err.param(), "difficulty");
+    let err = ledger.append(1, Some(&[0.5, 1.5]), None).unwrap_err();
+    assert_eq!(err.param(), "difficulty");
+    let err = ledger.append(1, None, Some(&[1])).unwrap_err();
+    assert_eq!(err.param(), "chunk");
+    ledger.append(2, None, None).unwrap();
+    assert_eq!(ledger.add_scores(&[1.0; 3]).unwrap_err().param(), "scores");
+    assert_eq!(ledger.add_scores(&[-1.0; 4]).unwrap_err().param(), "scores");
+    assert!(matches!(
+        KvLedger::new(KvPolicy::full(), vec![]),
+        Err(CoreError::InvalidInput { .. })
+    ));
+}
