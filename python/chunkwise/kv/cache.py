@@ -1,0 +1,243 @@
+"""A ``transformers`` :class:`~transformers.Cache` that evicts by a :class:`KvPolicy`.
+
+Keys are cached after the rotary embedding, so evicting a token never changes the others'
+positions; position ids come from the 2-D attention mask (``generate`` and
+:func:`chunkwise.generate` both derive them from it), not from the cache length.
+
+Masks stay right without custom mask code: every sequence holds the same number of slots
+``S``, kept in column order, and a sequence keeps padding slots only while it has fewer than
+``S`` real tokens (then exactly ``S - real`` of them, in front). So the slots line up with the
+last ``S`` columns of the 2-D padding mask, which is what ``get_mask_sizes`` reports
+(docs/architecture.md §6). Works with ``model.generate(..., past_key_values=cache)`` and in
+hand-written loops; batches must be left-padded (pass ``attention_mask`` to the constructor
+when they are padded).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .. import _core
+from ..errors import InputError, StateError
+from .policy import KvPolicy
+
+__all__ = ["PolicyCache", "active_cache", "left_padding"]
+
+_ACTIVE = threading.local()
+
+
+def active_cache() -> tuple[PolicyCache, int] | None:
+    """The policy cache (and layer) whose ``update`` ran last on this thread, for attention
+    functions that report scores to it (see :mod:`chunkwise.kv.attention`)."""
+    return getattr(_ACTIVE, "entry", None)
+
+
+def left_padding(attention_mask: torch.Tensor) -> list[int]:
+    """Left padding per row of a 2-D 0/1 mask; raises :class:`InputError` for anything but
+    left padding (``tokenizer.padding_side = "left"``)."""
+    if attention_mask.ndim != 2:
+        raise InputError(
+            f"attention_mask: must be 2-d [batch, seq], got {tuple(attention_mask.shape)}", "attention_mask"
+        )
+    mask = attention_mask.detach().to("cpu").numpy().astype(bool)
+    pads = []
+    for b, row in enumerate(mask):
+        n_pad = int(np.argmax(row)) if row.any() else len(row)
+        if not row[n_pad:].all():
+            raise InputError(
+                f"attention_mask: row {b} is not left-padded (padding after a real token); "
+                "use tokenizer.padding_side = 'left'",
+                "attention_mask",
+            )
+        pads.append(n_pad)
+    return pads
+
+
+class PolicyLayer(CacheLayerMixin):
+    """One layer's keys and values; sizes and positions come from the owning cache's ledger."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: PolicyCache) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def gather(self, index: torch.Tensor | None, keep: slice | None) -> None:
+        """Keeps slots ``index`` ([batch, S] per row) or the contiguous ``keep`` for all rows."""
+        if not self.is_initialized:
+            return
+        if keep is not None:
+            self.keys = self.keys[..., keep, :].contiguous()
+            self.values = self.values[..., keep, :].contiguous()
+            return
+        b, h, _, d = self.keys.shape
+        idx = index.to(self.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
+        self.keys = torch.gather(self.keys, 2, idx)
+        self.values = torch.gather(self.values, 2, idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise StateError("PolicyCache: beam search is not supported (the books are per sequence)", "cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise StateError("PolicyCache: cannot crop (assisted decoding is not supported)", "cache")
+
+
+class PolicyCache(Cache):
+    """A KV cache that keeps what ``policy`` says (full, window, sinks, H2O, difficulty-aware).
+
+    Args:
+        policy: what to keep (default: everything).
+        config: the model's config (its number of layers; also resolves a byte budget).
+        attention_mask: the prompt's 2-D mask, for left-padded batches (default: no padding).
+
+    Before a forward, :meth:`set_difficulty` may give each new token's difficulty in [0, 1]
+    (and its chunk id) for difficulty-aware policies. After eviction, :attr:`ledger` tells
+    which columns each sequence holds.
+    """
+
+    def __init__(
+        self,
+        policy: KvPolicy | None = None,
+        config: Any = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        if config is None:
+            raise InputError("config: PolicyCache needs the model's config (model.config)", "config")
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise InputError(f"config: has no usable num_hidden_layers ({n_layers!r})", "config")
+        super().__init__(layers=[PolicyLayer(self) for _ in range(n_layers)])
+        self.policy = policy if policy is not None else KvPolicy.full()
+        self.padding = left_padding(attention_mask) if attention_mask is not None else None
+        self.ledger: _core.KvLedger | None = None
+        self.evictions = 0
+        self.peak_slots = 0
+        self._pending: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        self._scores_seen = True
+        self._score_acc: torch.Tensor | None = None
+
+    # -- what transformers asks ------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        """Tokens (columns, padding included) processed so far per sequence."""
+        return 0 if self.ledger is None else self.ledger.seen
+
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next forward: the slots left after its eviction map to
+        the columns just before the query."""
+        if self.ledger is None:
+            return query_length, 0
+        held = self.ledger.pending_len
+        return held + query_length, self.ledger.seen - held
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == 0:
+            self._begin_forward(key_states)
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        _ACTIVE.entry = (self, layer_idx)
+        if layer_idx == len(self.layers) - 1:
+            self.peak_slots = max(self.peak_slots, keys.shape[-2])
+        return keys, values
+
+    # -- what a generation loop tells it ---------------------------------------------------
+    def set_difficulty(self, difficulty: Any, chunk: Any | None = None) -> None:
+        """Difficulty in [0, 1] (and optional chunk ids) of the tokens of the next forward,
+        [batch, n] or flat row-major."""
+        d = np.ascontiguousarray(np.asarray(difficulty, dtype=np.float32).reshape(-1))
+        c = None if chunk is None else np.ascontiguousarray(np.asarray(chunk, dtype=np.uint64).reshape(-1))
+        self._pending = (d, c)
+
+    def add_scores(self, probs: torch.Tensor) -> None:
+        """Adds attention probabilities [batch, heads, q, slots] to each slot's score (summed on
+        the device over layers, handed to the books once per forward)."""
+        if self.ledger is None or probs.shape[-1] != len(self.ledger):
+            return
+        s = probs.detach().float().sum(dim=(1, 2))
+        self._score_acc = s if self._score_acc is None else self._score_acc + s
+        self._scores_seen = True
+
+    def _flush_scores(self) -> None:
+        if self._score_acc is not None:
+            scores = self._score_acc.to("cpu").numpy().reshape(-1)
+            self.ledger.add_scores(np.ascontiguousarray(scores, dtype=np.float32))
+            self._score_acc = None
+
+    # -- internals -------------------------------------------------------------------------
+    def _bytes_per_token(self, key_states: torch.Tensor) -> int:
+        _, h, _, d = key_states.shape
+        return 2 * len(self.layers) * h * d * key_states.element_size()
+
+    def _begin_forward(self, key_states: torch.Tensor) -> None:
+        batch, q = key_states.shape[0], key_states.shape[-2]
+        if self.ledger is None:
+            pad = self.padding if self.padding is not None else [0] * batch
+            if len(pad) != batch:
+                raise InputError(
+                    f"attention_mask: has {len(pad)} rows for a batch of {batch}", "attention_mask"
+                )
+            self.policy = self.policy.tokens(self._bytes_per_token(key_states))
+            self.ledger = self.policy.ledger(pad)
+        elif self.policy.attention_weight > 0 and not self._scores_seen:
+            raise StateError(
+                "PolicyCache: this policy ranks tokens by attention but no scores arrived; run the "
+                "model inside chunkwise.kv.track_attention(model)",
+                "attention_weight",
+            )
+        self._flush_scores()
+        keep = self.ledger.evict()
+        if keep is not None:
+            self.evictions += 1
+            index = torch.from_numpy(keep)
+            first = keep[0]
+            same = bool((keep == first).all()) and first[-1] - first[0] + 1 == len(first)
+            contiguous = slice(int(first[0]), int(first[-1]) + 1) if same else None
+            for layer in self.layers:
+                layer.gather(None if same else index, contiguous)
+        diff, chunk = self._pending
+        self._pending = (None, None)
+        self.ledger.append(q, diff, chunk)
+        self._scores_seen = self.policy.attention_weight == 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise StateError("PolicyCache: num_return_sequences > 1 is not supported", "cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise StateError("PolicyCache: batch selection is not supported", "cache")
