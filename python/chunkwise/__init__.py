@@ -6,9 +6,10 @@ metadata) runs in a Rust core; this package is the thin Python layer around it.
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, kv
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import AdapterError, ChunkwiseError, ConfigError, InputError, StateError
+from .generate import GenerationResult, Step, generate, stream
 from .injection import ChunkwiseModel, inject
 from .ladder import RankLadder
 from .layers import ChunkwiseLinear
@@ -33,6 +34,11 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "StateError",
+    "GenerationResult",
+    "Step",
+    "generate",
+    "kv",
+    "stream",
     "entropy_from_logits",
     "surprisal_from_logits",
     "torch_entropy_surprisal",

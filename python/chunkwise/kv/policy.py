@@ -153,7 +153,9 @@ class KvPolicy:
         ``difficulty`` keep ``sinks``, a recent window of a quarter of the budget, and the best
         scored others."""
         if kind not in POLICY_KINDS:
-            raise ConfigError(f"kv policy: unknown {kind!r}; choose one of {', '.join(POLICY_KINDS)}", "kind")
+            raise ConfigError(
+                f"kind: unknown KV policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}", "kind"
+            )
         if kind == "full":
             return cls.full()
         if budget is None:

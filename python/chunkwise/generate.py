@@ -1,0 +1,321 @@
+"""Difficulty-aware generation: chunked prefill, streamed decode, a policy-driven KV cache.
+
+With a :class:`~chunkwise.ChunkwiseModel`, every forward runs under a rank plan:
+
+* prefill goes in chunks of ``prefill_chunk`` tokens (peak activation memory bounded by the
+  chunk, not the prompt); each chunk is planned by the scheduler, with the previous chunk's
+  mean predictive entropy as its entropy signal (what the last logits said about how hard the
+  text is) — no extra forward pass;
+* decode feeds token t's signals (entropy of the logits that predicted it, its surprisal) to the
+  scheduler's streaming mode, which picks the rung with hysteresis; the KV cache's difficulty-
+  aware policy sees the same per-token difficulty and chunk ids.
+
+A plain ``transformers`` model works too (no ranks; the cache sees the entropy as difficulty).
+:func:`stream` yields one :class:`Step` per generated token; :func:`generate` collects them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .injection import ChunkwiseModel
+from .kv import KvPolicy, PolicyCache, left_padding, track_attention
+from .signals import torch_entropy_surprisal
+from .token_plan import TokenPlan
+
+__all__ = ["Generation", "GenerationResult", "Step", "generate", "stream"]
+
+
+@dataclasses.dataclass
+class Step:
+    """One generated token per sequence."""
+
+    #: int64 [batch] token ids (``pad_token_id`` for finished sequences).
+    tokens: torch.Tensor
+    #: int32 [batch] rank the token is processed at (-1 for a plain model).
+    rank: np.ndarray
+    #: float32 [batch] the token's difficulty (from the logits that predicted it).
+    difficulty: np.ndarray
+    #: bool [batch] sequences finished (EOS produced at or before this step).
+    done: np.ndarray
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What :func:`generate` returns."""
+
+    #: [batch, prompt + new] prompt (as given, left-padded) followed by the generated tokens.
+    sequences: torch.Tensor
+    #: [batch, new] rank of each generated token (-1: plain model).
+    ranks: np.ndarray
+    #: [batch, new] difficulty of each generated token.
+    difficulty: np.ndarray
+    #: Mean rank each prefill chunk ran at, per chunk (empty for a plain model).
+    prefill_ranks: list[float]
+    #: The cache after generation (its ledger says which columns each sequence still holds).
+    cache: PolicyCache
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """[batch, new] the generated tokens."""
+        return self.sequences[:, self.sequences.shape[1] - self.ranks.shape[1] :]
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise InputError("input_ids: must be an integer tensor [batch, seq]", "input_ids")
+    if input_ids.shape[1] == 0:
+        raise InputError("input_ids: the prompt is empty", "input_ids")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise InputError(
+            f"attention_mask: must be a tensor shaped like input_ids {tuple(input_ids.shape)}",
+            "attention_mask",
+        )
+    return input_ids, attention_mask.to(input_ids.device).long()
+
+
+def _pick(
+    logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None
+) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+class Generation:
+    """One generation in progress: iterate it for :class:`Step` s (see :func:`stream`). Once
+    iterated, :attr:`cache`, :attr:`prefill_ranks` and the timings describe the run."""
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        max_new_tokens: int,
+        policy: KvPolicy | None,
+        prefill_chunk: int | None,
+        adapters: Any | None,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        temperature: float,
+        top_k: int | None,
+        seed: int | None,
+    ) -> None:
+        self.ids, self.mask = _check_inputs(input_ids, attention_mask)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}", "max_new_tokens")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise InputError(
+                f"prefill_chunk: must be an int >= 1 or None, got {prefill_chunk!r}", "prefill_chunk"
+            )
+        if not temperature >= 0:
+            raise InputError(f"temperature: must be >= 0, got {temperature}", "temperature")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k: must be an int >= 1 or None, got {top_k!r}", "top_k")
+        if self.mask.sum(-1).min().item() == 0:
+            raise InputError("attention_mask: a sequence has no real token", "attention_mask")
+        self.cwm = model if isinstance(model, ChunkwiseModel) else None
+        self.hf = model.model if self.cwm is not None else model
+        self.batch = self.ids.shape[0]
+        self.adapters = adapters
+        self.ad = self.cwm._adapter_ids(adapters, self.batch) if self.cwm is not None else None
+        self.cache = PolicyCache(policy, self.hf.config, self.mask)
+        self.max_new_tokens, self.prefill_chunk = max_new_tokens, prefill_chunk or self.ids.shape[1]
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.temperature, self.top_k = temperature, top_k
+        self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.thresholds: Any = None
+        #: Mean rank each prefill chunk ran at (empty for a plain model).
+        self.prefill_ranks: list[float] = []
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    def __iter__(self) -> Iterator[Step]:
+        scores = (
+            track_attention(self.hf) if self.cache.policy.attention_weight > 0 else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), scores:
+            t0 = time.perf_counter()
+            logits = self._prefill()
+            self.prefill_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for step in self._decode(logits):
+                self.decode_seconds += time.perf_counter() - t0
+                yield step
+                t0 = time.perf_counter()
+
+    def _forward(
+        self, ids: torch.Tensor, upto: torch.Tensor, pos: torch.Tensor, tp: TokenPlan | None
+    ) -> torch.Tensor:
+        ctx = self.cwm.use(tp) if self.cwm is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.hf(
+                input_ids=ids, attention_mask=upto, position_ids=pos, cache=self.cache, use_cache=True
+            )
+        return out.logits
+
+    def _prefill(self) -> torch.Tensor:
+        """Runs the prompt in chunks (the first one also covers the longest left padding, so
+        every chunk has real tokens in every row); returns the last position's logits."""
+        t, chunk = self.ids.shape[1], self.prefill_chunk
+        first_end = min(t, max(left_padding(self.mask)) + chunk)
+        bounds = [0, *range(first_end, t, chunk), t]
+        prior: np.ndarray | None = None
+        logits = None
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            ids_c, m_c = self.ids[:, s:e], self.mask[:, s:e]
+            tp = None
+            if self.cwm is not None:
+                signals: dict[str, Any] = {}
+                if prior is not None:
+                    signals["entropy"] = [
+                        np.full(int(n), p, np.float32) for n, p in zip(m_c.sum(-1), prior, strict=True)
+                    ]
+                plan = self.cwm.plan_inputs(ids_c, m_c, self.adapters, **signals)
+                self.thresholds = plan.thresholds
+                tp = self.cwm.token_plan(plan, ids_c, m_c, self.adapters)
+                grid = np.zeros(tuple(m_c.shape), np.float32)
+                grid[m_c.cpu().numpy().astype(bool)] = plan.difficulty
+                self.cache.set_difficulty(grid)
+                self.prefill_ranks.append(float(plan.token_rank.mean()))
+            elif prior is not None:
+                self.cache.set_difficulty(np.repeat(prior[:, None], e - s, axis=1))
+            out = self._forward(ids_c, self.mask[:, :e], self.positions[:, s:e], tp)
+            ent, _ = torch_entropy_surprisal(out)
+            real = m_c.bool()
+            prior = ((ent * real).sum(-1) / real.sum(-1).clamp(min=1)).cpu().numpy()
+            logits = out[:, -1]
+        assert logits is not None
+        return logits
+
+    def _decode(self, logits: torch.Tensor) -> Iterator[Step]:
+        decoder = self.cwm.scheduler.decoder(self.batch, self.thresholds) if self.cwm is not None else None
+        done = np.zeros(self.batch, bool)
+        chunk_id = np.zeros(self.batch, np.uint64)
+        mask, pos = self.mask, self.positions[:, -1:]
+        for step in range(self.max_new_tokens):
+            tok = _pick(logits, self.temperature, self.top_k, self.gen)
+            tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
+            ent, sur = torch_entropy_surprisal(logits, tok)
+            ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
+            tp = None
+            if decoder is not None:
+                decoder.step(tok.cpu().numpy().astype(np.int64), entropy=ent_np, surprisal=sur_np)
+                chunk_id += decoder.new_chunk.astype(np.uint64)
+                rank, difficulty = decoder.rank.copy(), decoder.difficulty.copy()
+                device, dtype = self.cwm._device_dtype()
+                tp = TokenPlan.build(
+                    decoder.rank,
+                    decoder.lo,
+                    decoder.gate_lo,
+                    decoder.gate_hi,
+                    decoder.scale,
+                    self.ad,
+                    np.arange(self.batch),
+                    self.batch,
+                    device,
+                    dtype,
+                )
+            else:
+                rank, difficulty = np.full(self.batch, -1, np.int32), ent_np.astype(np.float32)
+            if self.eos is not None:
+                done = done | (tok.cpu().numpy() == self.eos)
+            yield Step(tok, rank, difficulty, done.copy())
+            if done.all() or step == self.max_new_tokens - 1:
+                return
+            self.cache.set_difficulty(difficulty, chunk_id)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos + 1
+            logits = self._forward(tok[:, None], mask, pos, tp)[:, -1]
+
+
+def stream(
+    model: ChunkwiseModel | Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 64,
+    policy: KvPolicy | None = None,
+    prefill_chunk: int | None = 512,
+    adapters: Any | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> Generation:
+    """A :class:`Generation` to iterate: each :class:`Step` is yielded as soon as its tokens
+    are chosen (before the forward that processes them).
+
+    Args:
+        model: a :class:`ChunkwiseModel` (ranks chosen by its scheduler) or a plain causal LM.
+        input_ids, attention_mask: the prompt, [batch, seq], left-padded.
+        max_new_tokens: tokens to generate per sequence (fewer if all hit ``eos_token_id``).
+        policy: what the KV cache keeps (default: everything).
+        prefill_chunk: prompt tokens per prefill forward (None: the whole prompt at once).
+        adapters: adapter id per sequence (multi-adapter models).
+        eos_token_id, pad_token_id: a sequence stops at EOS and is padded afterwards.
+        temperature, top_k, seed: sampling (temperature 0: greedy).
+    """
+    return Generation(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        policy=policy,
+        prefill_chunk=prefill_chunk,
+        adapters=adapters,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+    )
+
+
+def generate(
+    model: ChunkwiseModel | Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    streamer: Callable[[Step], None] | None = None,
+    **options: Any,
+) -> GenerationResult:
+    """Generates with per-token ranks (for a :class:`ChunkwiseModel`) and a policy KV cache;
+    ``streamer`` is called with each :class:`Step` as it is produced. Options as in
+    :func:`stream`."""
+    run = stream(model, input_ids, attention_mask, **options)
+    steps: list[Step] = []
+    for step in run:
+        steps.append(step)
+        if streamer is not None:
+            streamer(step)
+    new = torch.stack([s.tokens for s in steps], dim=1)
+    return GenerationResult(
+        sequences=torch.cat([run.ids, new.to(run.ids.device)], dim=1),
+        ranks=np.stack([s.rank for s in steps], axis=1),
+        difficulty=np.stack([s.difficulty for s in steps], axis=1),
+        prefill_ranks=run.prefill_ranks,
+        cache=run.cache,
+        prefill_seconds=run.prefill_seconds,
+        decode_seconds=run.decode_seconds,
+    )
