@@ -1,0 +1,170 @@
+"""chunkwise.generate / stream: parity with transformers' greedy generate (plain model, and a
+ChunkwiseModel at the top rung = PEFT, at rank 0 = base), chunked prefill, streaming, EOS, KV
+policies inside generation, and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft_helpers import VOCAB, all_top_scheduler, make_adapter, tiny_model
+from test_kv_cache import ragged_prompt
+
+import chunkwise as cw
+from chunkwise.kv import KvPolicy
+
+
+def hf_greedy(model, ids, mask, n):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 512])
+def test_plain_model_matches_transformers_generate(chunk):
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids, mask = ragged_prompt()
+    out = cw.generate(model, ids, mask, max_new_tokens=25, prefill_chunk=chunk)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 25))
+    assert (out.ranks == -1).all() and out.prefill_ranks == []
+
+
+@pytest.fixture
+def adapted(tmp_path):
+    base = tiny_model("llama", max_position_embeddings=256)
+    pm = make_adapter(base, tmp_path / "a", seed=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    ladder = cw.RankLadder.from_peft(tmp_path / "a")
+    return base, pm, ladder
+
+
+def test_top_rung_generation_is_peft_generation(adapted):
+    base, pm, ladder = adapted
+    cwm = cw.inject(copy.deepcopy(base), ladder, all_top_scheduler(ladder.max_rank))
+    ids, mask = ragged_prompt()
+    out = cw.generate(cwm, ids, mask, max_new_tokens=20, prefill_chunk=5)
+    assert torch.equal(out.sequences, hf_greedy(pm, ids, mask, 20))
+    assert (out.ranks == ladder.max_rank).all()
+    assert out.prefill_ranks == [ladder.max_rank] * len(out.prefill_ranks) and len(out.prefill_ranks) > 1
+    assert not torch.equal(out.sequences, hf_greedy(base, ids, mask, 20))  # the adapter matters
+
+
+def test_rank_zero_generation_is_base_generation(adapted):
+    base, _, ladder = adapted
+    cfg = cw.SchedulerConfig(
+        rungs=(0, ladder.max_rank), thresholds=(1.0,), min_len=4, max_len=8, granularity=1
+    )
+    cwm = cw.inject(copy.deepcopy(base), ladder, cw.Scheduler(cfg))
+    ids, mask = ragged_prompt()
+    out = cw.generate(cwm, ids, mask, max_new_tokens=20)
+    assert torch.equal(out.sequences, hf_greedy(base, ids, mask, 20))
+    assert (out.ranks == 0).all()
+
+
+def test_adaptive_generation_changes_rank_within_the_ladder(adapted):
+    base, _, ladder = adapted
+    ids, mask = ragged_prompt()
+
+    def run(thresholds):
+        cfg = cw.SchedulerConfig(
+            rungs=(0, 2, 4),
+            thresholds=thresholds,
+            min_len=2,
+            max_len=4,
+            granularity=1,
+            hysteresis=0.0,
+            ema=1.0,
+            crossfade=0,
+        )
+        cwm = cw.inject(copy.deepcopy(base), ladder, cw.Scheduler(cfg))
+        return cw.generate(cwm, ids, mask, max_new_tokens=40, temperature=1.5, seed=1)
+
+    # A random tiny model is uncertain everywhere: put the thresholds inside its difficulty range.
+    probe = run((0.3, 0.6))
+    out = run(tuple(float(q) for q in np.percentile(probe.difficulty, [33, 66])))
+    assert set(np.unique(out.ranks)) <= {0, 2, 4}
+    assert len(np.unique(out.ranks)) > 1
+    assert ((out.difficulty >= 0) & (out.difficulty <= 1)).all()
+
+
+def test_chunked_prefill_bounds_the_forward_length(adapted):
+    base, _, ladder = adapted
+    cwm = cw.inject(copy.deepcopy(base), ladder)
+    ids, mask = ragged_prompt(seq=23)  # rows padded by 0, 2, 4
+    lengths = []
+    hook = cwm.model.model.embed_tokens.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    cw.generate(cwm, ids, mask, max_new_tokens=3, prefill_chunk=6)
+    hook.remove()
+    # first chunk: the longest padding (4) + 6; then 6, 6 and the last prompt token; 2 decode steps
+    assert lengths == [10, 6, 6, 1, 1, 1]
+
+
+def test_stream_yields_each_step_and_generate_calls_the_streamer():
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids, mask = ragged_prompt()
+    seen = []
+    out = cw.generate(model, ids, mask, max_new_tokens=7, streamer=seen.append)
+    assert len(seen) == 7
+    assert torch.equal(torch.stack([s.tokens for s in seen], 1), out.new_tokens)
+    run = cw.stream(model, ids, mask, max_new_tokens=1000)
+    first = [s.tokens for _, s in zip(range(3), run, strict=False)]
+    assert torch.equal(torch.stack(first, 1), out.new_tokens[:, :3])
+
+
+def test_eos_stops_a_sequence_and_pads_it():
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids, mask = ragged_prompt()
+    free = cw.generate(model, ids, mask, max_new_tokens=12)
+    eos = int(free.new_tokens[0, 2])
+    out = cw.generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    first = int((free.new_tokens[0] == eos).nonzero()[0])
+    assert (out.new_tokens[0, first + 1 :] == VOCAB - 1).all()
+    assert torch.equal(out.new_tokens[0, : first + 1], free.new_tokens[0, : first + 1])
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KvPolicy.heavy_hitters(12, recent=4, sinks=1, slack=2),
+        KvPolicy.difficulty_aware(12, 4, sinks=1, slack=2),
+    ],
+)
+def test_scored_policies_run_inside_generate(adapted, policy):
+    base, _, ladder = adapted
+    cwm = cw.inject(copy.deepcopy(base), ladder)
+    ids, mask = ragged_prompt()
+    impl = cwm.model.config._attn_implementation
+    out = cw.generate(cwm, ids, mask, max_new_tokens=30, policy=policy)
+    assert out.cache.evictions > 0
+    assert len(out.cache.ledger) <= policy.budget + policy.slack
+    assert cwm.model.config._attn_implementation == impl
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"prefill_chunk": 0}, "prefill_chunk"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+    ],
+)
+def test_bad_generation_options(kwargs, param):
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 4))
+    with pytest.raises(cw.InputError) as e:
+        cw.generate(model, ids, **kwargs)
+    assert e.value.parameter == param
+
+
+def test_bad_prompts():
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with pytest.raises(cw.InputError, match="left"):
+        cw.generate(model, ids, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(cw.InputError, match="no real token"):
+        cw.generate(model, ids, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(cw.InputError, match="input_ids"):
+        cw.generate(model, ids.float())
