@@ -168,3 +168,16 @@ def test_bad_prompts():
         cw.generate(model, ids, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(cw.InputError, match="input_ids"):
         cw.generate(model, ids.float())
+
+
+def test_prefill_difficulty_in_the_cache_is_the_predicting_entropy():
+    """A plain model's chunked prefill books token t with the entropy of the logits at t - 1."""
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    out = cw.generate(model, ids, max_new_tokens=2, prefill_chunk=3)
+    with torch.no_grad():
+        ent, _ = cw.torch_entropy_surprisal(model(input_ids=ids).logits)
+    booked = out.cache.ledger.difficulty()
+    np.testing.assert_allclose(booked[:, 1:11], ent[:, :10].numpy(), rtol=1e-5, atol=1e-6)
+    assert (booked[:, 0] == 0).all()
+    np.testing.assert_allclose(booked[:, 11], out.difficulty[:, 0], rtol=1e-6)

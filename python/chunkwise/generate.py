@@ -180,6 +180,7 @@ class Generation:
         first_end = min(t, max(left_padding(self.mask)) + chunk)
         bounds = [0, *range(first_end, t, chunk), t]
         prior: np.ndarray | None = None
+        last_ent: torch.Tensor | None = None
         logits = None
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             ids_c, m_c = self.ids[:, s:e], self.mask[:, s:e]
@@ -197,11 +198,15 @@ class Generation:
                 grid[m_c.cpu().numpy().astype(bool)] = plan.difficulty
                 self.cache.set_difficulty(grid)
                 self.prefill_ranks.append(float(plan.token_rank.mean()))
-            elif prior is not None:
-                self.cache.set_difficulty(np.repeat(prior[:, None], e - s, axis=1))
             out = self._forward(ids_c, self.mask[:, :e], self.positions[:, s:e], tp)
             ent, _ = torch_entropy_surprisal(out)
             real = m_c.bool()
+            if self.cwm is None:
+                # token i's difficulty is the entropy of the logits that predicted it
+                first = torch.zeros_like(ent[:, :1]) if last_ent is None else last_ent
+                shifted = torch.cat([first, ent[:, :-1]], 1)
+                self.cache.revise_difficulty((shifted * real).cpu().numpy())
+            last_ent = ent[:, -1:]
             prior = ((ent * real).sum(-1) / real.sum(-1).clamp(min=1)).cpu().numpy()
             logits = out[:, -1]
         assert logits is not None

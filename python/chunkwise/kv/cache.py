@@ -184,6 +184,15 @@ class PolicyCache(Cache):
         c = None if chunk is None else np.ascontiguousarray(np.asarray(chunk, dtype=np.uint64).reshape(-1))
         self._pending = (d, c)
 
+    def revise_difficulty(self, difficulty: Any) -> None:
+        """Overwrites the difficulty of each sequence's newest ``n`` slots ([batch, n] in
+        [0, 1]): a prefill chunk learns its tokens' difficulty only from its own logits."""
+        if self.ledger is None:
+            raise StateError("PolicyCache: nothing cached yet to revise", "difficulty")
+        self.ledger.revise_difficulty(
+            np.ascontiguousarray(np.asarray(difficulty, dtype=np.float32).reshape(-1))
+        )
+
     def add_scores(self, probs: torch.Tensor) -> None:
         """Adds attention probabilities [batch, heads, q, slots] to each slot's score (summed on
         the device over layers, handed to the books once per forward)."""

@@ -218,4 +218,24 @@ fn bad_inputs_name_their_parameter() {
         KvLedger::new(KvPolicy::full(), vec![]),
         Err(CoreError::InvalidInput { .. })
     ));
+    assert_eq!(
+        ledger.revise_difficulty(&[0.5; 3]).unwrap_err().param(),
+        "difficulty"
+    );
+    assert_eq!(
+        ledger.revise_difficulty(&[0.5; 6]).unwrap_err().param(),
+        "difficulty"
+    );
+    assert_eq!(
+        ledger.revise_difficulty(&[2.0; 2]).unwrap_err().param(),
+        "difficulty"
+    );
+}
+
+#[test]
+fn revised_difficulty_lands_on_the_newest_slots() {
+    let mut ledger = KvLedger::new(KvPolicy::full(), vec![0, 1]).unwrap();
+    ledger.append(3, Some(&[0.1; 6]), None).unwrap();
+    ledger.revise_difficulty(&[0.5, 0.6, 0.7, 0.8]).unwrap();
+    assert_eq!(ledger.difficulty(), vec![0.1, 0.5, 0.6, 0.1, 0.7, 0.8]);
 }

@@ -90,6 +90,17 @@ impl KvLedger {
             .py_err(py)
     }
 
+    /// Overwrites the difficulty of the newest slots (float32, row-major [batch * n]).
+    fn revise_difficulty(&mut self, py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+        let v = array1::<f32>(values, "difficulty", "float32")?;
+        self.inner.revise_difficulty(slice(&v)).py_err(py)
+    }
+
+    /// Difficulty per slot, float32 [batch, len].
+    fn difficulty<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        grid(py, self.inner.batch_size(), self.inner.difficulty())
+    }
+
     /// Adds attention received per slot (float32, row-major [batch * len]).
     fn add_scores(&mut self, py: Python<'_>, scores: &Bound<'_, PyAny>) -> PyResult<()> {
         let s = array1::<f32>(scores, "scores", "float32")?;

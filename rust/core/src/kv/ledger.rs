@@ -157,6 +157,37 @@ impl KvLedger {
         Ok(())
     }
 
+    /// Overwrites the difficulty of each row's newest `values.len() / batch` slots (row-major):
+    /// prefill learns a token's difficulty only from the logits its own forward produced.
+    pub fn revise_difficulty(&mut self, values: &[f32]) -> Result<()> {
+        let b = self.rows.len();
+        let n = values.len() / b;
+        if values.len() % b != 0 || n > self.len() {
+            return Err(CoreError::input(
+                "difficulty",
+                format!(
+                    "has {} values; need batch ({b}) x at most {} held slots",
+                    values.len(),
+                    self.len()
+                ),
+            ));
+        }
+        check_unit("difficulty", values)?;
+        for (row, v) in self.rows.iter_mut().zip(values.chunks_exact(n.max(1))) {
+            let start = row.difficulty.len() - n;
+            row.difficulty[start..].copy_from_slice(&v[..n]);
+        }
+        Ok(())
+    }
+
+    /// Difficulty of each slot (row-major [batch, len]).
+    pub fn difficulty(&self) -> Vec<f32> {
+        self.rows
+            .iter()
+            .flat_map(|r| r.difficulty.iter().copied())
+            .collect()
+    }
+
     /// Adds attention received by each slot (row-major [batch, len], finite, >= 0).
     pub fn add_scores(&mut self, scores: &[f32]) -> Result<()> {
         let len = self.len();
