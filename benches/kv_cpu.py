@@ -1,0 +1,151 @@
+"""KV-cache policies on SmolLM2-135M (CPU): perplexity of a long held-out stream, peak memory and
+decode latency at the end of it, per policy, each measured in its own process.
+
+    python benches/kv_cpu.py                       # 8192 tokens, budget 2048, all policies
+    python benches/kv_cpu.py --tokens 2048 --budget 512 --json kv.json
+
+For each policy a fresh worker process loads the model, streams ``--tokens`` tokens of held-out
+Wikipedia text through a :class:`chunkwise.kv.PolicyCache` in chunks of ``--chunk`` tokens
+(teacher forcing: every token is predicted from what the cache kept), then decodes ``--decode``
+greedy tokens and times each step. Memory: the cache's peak bytes (exact: peak slots x bytes per
+token) and the worker's peak RSS after loading (Linux VmHWM, reset once the model is loaded; it
+includes the ~540 MB of fp32 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chunkwise as cw
+import numpy as np
+import torch
+from chunkwise.kv import KvPolicy, PolicyCache, track_attention
+from chunkwise.models import load_smollm2
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefill_cpu import held_out_ids  # noqa: E402
+
+POLICIES = ("full", "window", "sinks", "h2o", "difficulty")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since the last :func:`reset_peak_rss` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS, so loading the model does not count as the peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def worker(kind: str, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2(progress=False)
+    model.eval()
+    ids = held_out_ids(tok, args.tokens)[None]
+    with torch.inference_mode():  # touch every weight page (safetensors maps the file lazily)
+        model(input_ids=ids[:, :8])
+    gc.collect()
+    reset_peak_rss()
+    rss_model = peak_rss_mb()
+    policy = KvPolicy.named(kind, None if kind == "full" else args.budget, sinks=4, slack=args.slack)
+    cache = PolicyCache(policy, model.config)
+    scoring = track_attention(model) if policy.attention_weight > 0 else torch.no_grad()
+    nll, n, last_ent = 0.0, 0, torch.zeros(1, 1)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), scoring:
+        for s in range(0, ids.shape[1], args.chunk):
+            chunk = ids[:, s : s + args.chunk]
+            pos = torch.arange(s, s + chunk.shape[1])[None]
+            logits = model(input_ids=chunk, position_ids=pos, cache=cache, use_cache=True).logits.float()
+            ent, _ = cw.torch_entropy_surprisal(logits)
+            cache.revise_difficulty(torch.cat([last_ent, ent[:, :-1]], 1).numpy())
+            last_ent = ent[:, -1:]
+            target = ids[:, s + 1 : s + 1 + chunk.shape[1]]
+            if target.shape[1]:
+                logp = torch.log_softmax(logits[:, : target.shape[1]], -1)
+                nll -= logp.gather(-1, target[..., None]).sum().item()
+                n += target.shape[1]
+        stream_s = time.perf_counter() - t0
+        step_ms = []
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        pos = torch.tensor([[ids.shape[1]]])
+        for _ in range(args.decode):
+            t1 = time.perf_counter()
+            logits = model(input_ids=nxt, position_ids=pos, cache=cache, use_cache=True).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            step_ms.append(1e3 * (time.perf_counter() - t1))
+            pos = pos + 1
+    per_token = cache._bytes_per_token(cache.layers[0].keys)
+    return {
+        "policy": kind,
+        "budget": cache.policy.budget,
+        "tokens": int(ids.shape[1]),
+        "ppl": math.exp(nll / n),
+        "kv_peak_mb": cache.peak_slots * per_token / 2**20,
+        "rss_peak_mb": peak_rss_mb(),
+        "rss_model_mb": rss_model,
+        "decode_ms": statistics.median(step_ms),
+        "stream_s": stream_s,
+        "evictions": cache.evictions,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens streamed (default 8192)")
+    ap.add_argument(
+        "--budget", type=int, default=2048, help="tokens kept by evicting policies (default 2048)"
+    )
+    ap.add_argument(
+        "--slack", type=int, default=64, help="evict once budget + slack is exceeded (default 64)"
+    )
+    ap.add_argument("--chunk", type=int, default=32, help="tokens per forward while streaming (default 32)")
+    ap.add_argument(
+        "--decode", type=int, default=32, help="greedy decode steps timed at the end (default 32)"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {POLICIES}")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    rows = []
+    for kind in args.policies.split(","):
+        cmd = [sys.executable, __file__, "--worker", kind] + [
+            f"--{k}={getattr(args, k)}" for k in ("tokens", "budget", "slack", "chunk", "decode", "threads")
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"... {kind} done", file=sys.stderr)
+    full = next((r for r in rows if r["policy"] == "full"), rows[0])
+    head = ("policy", "budget", "ppl", "Δppl", "KV MB", "ΔKV", "RSS MB", "ΔRSS", "ms/tok")
+    print(f"{head[0]:<11}" + "".join(f"{h:>9}" for h in head[1:]))
+    for r in rows:
+        rel = {k: 100 * (r[k] / full[k] - 1) for k in ("ppl", "kv_peak_mb", "rss_peak_mb", "decode_ms")}
+        print(
+            f"{r['policy']:<11}{r['budget'] or '-':>9}{r['ppl']:>9.3f}{rel['ppl']:>+8.2f}%"
+            f"{r['kv_peak_mb']:>9.1f}{rel['kv_peak_mb']:>+8.0f}%{r['rss_peak_mb']:>9.0f}{rel['rss_peak_mb']:>+8.0f}%"
+            f"{r['decode_ms']:>9.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
