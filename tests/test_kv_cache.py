@@ -23,15 +23,18 @@ def ragged_prompt(batch: int = 3, seq: int = 12, seed: int = 0) -> tuple[torch.T
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_full_policy_generates_what_dynamic_cache_generates(arch):
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize(("arch", "kwarg"), [("llama", "cache"), ("qwen2", "cache"), ("llama", "past_key_values")])
+def test_full_policy_generates_what_dynamic_cache_generates(arch, kwarg):
     model = tiny_model(arch, max_position_embeddings=256)
     ids, mask = ragged_prompt()
     kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-        got = model.generate(ids, cache=PolicyCache(KvPolicy.full(), model.config, mask), **kw)
+        cache = PolicyCache(KvPolicy.full(), model.config, mask)
+        got = model.generate(ids, **{kwarg: cache}, **kw)
     assert torch.equal(got, ref)
+    assert cache.seen == ids.shape[1] + 39  # the cache was the one generate used
 
 
 POLICIES = {
