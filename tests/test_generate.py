@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 
+import chunkwise as cw
 import numpy as np
 import pytest
 import torch
+from chunkwise.kv import KvPolicy
 from peft_helpers import VOCAB, all_top_scheduler, make_adapter, tiny_model
 from test_kv_cache import ragged_prompt
-
-import chunkwise as cw
-from chunkwise.kv import KvPolicy
 
 
 def hf_greedy(model, ids, mask, n):

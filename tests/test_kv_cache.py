@@ -24,7 +24,9 @@ def ragged_prompt(batch: int = 3, seq: int = 12, seed: int = 0) -> tuple[torch.T
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-@pytest.mark.parametrize(("arch", "kwarg"), [("llama", "cache"), ("qwen2", "cache"), ("llama", "past_key_values")])
+@pytest.mark.parametrize(
+    ("arch", "kwarg"), [("llama", "cache"), ("qwen2", "cache"), ("llama", "past_key_values")]
+)
 def test_full_policy_generates_what_dynamic_cache_generates(arch, kwarg):
     model = tiny_model(arch, max_position_embeddings=256)
     ids, mask = ragged_prompt()

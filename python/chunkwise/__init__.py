@@ -6,10 +6,11 @@ metadata) runs in a Rust core; this package is the thin Python layer around it.
 
 from __future__ import annotations
 
-from . import _core, kv
+from typing import Any
+
+from . import _core
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import AdapterError, ChunkwiseError, ConfigError, InputError, StateError
-from .generate import GenerationResult, Step, generate, stream
 from .injection import ChunkwiseModel, inject
 from .ladder import RankLadder
 from .layers import ChunkwiseLinear
@@ -18,6 +19,27 @@ from .scheduler import DecodeBatch, Scheduler
 from .signals import entropy_from_logits, surprisal_from_logits, torch_entropy_surprisal
 
 __version__: str = _core.__version__
+
+# Generation and the KV cache need transformers (the [hf] extra): imported on first use, so the
+# scheduler and the CLI start without it.
+_LAZY = {
+    "kv": ("chunkwise.kv", None),
+    "generate": ("chunkwise.generate", "generate"),
+    "stream": ("chunkwise.generate", "stream"),
+    "GenerationResult": ("chunkwise.generate", "GenerationResult"),
+    "Step": ("chunkwise.generate", "Step"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'chunkwise' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
 
 __all__ = [
     "DEFAULT_RUNGS",

@@ -1,33 +1,32 @@
 """The ``chunkwise`` command line.
 
 ``chunkwise demo`` plans the bundled sample text (no model needed yet: difficulty comes from
-n-gram novelty, word rarity and position); ``chunkwise plan`` does the same for any text.
+n-gram novelty, word rarity and position); ``chunkwise plan`` does the same for any text;
+``chunkwise generate`` generates with a model, an optional adapter and a KV-cache policy.
 Exit codes: 0 success, 2 bad arguments or input (a :class:`chunkwise.ChunkwiseError`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
 from collections import Counter
 from importlib import resources
-from typing import TextIO
 
 import numpy as np
 
+from .commands import generate
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import ChunkwiseError
 from .plan import Plan
 from .scheduler import Scheduler
+from .terminal import paint, use_color
 
 __all__ = ["main", "word_tokenize", "render_plan"]
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-# Background colours from cool (low rank) to hot (high rank), 256-colour ANSI.
-_PALETTE = (238, 24, 30, 64, 136, 166, 160, 125)
 
 
 def word_tokenize(text: str) -> list[str]:
@@ -40,14 +39,6 @@ def sample_text() -> str:
     return resources.files("chunkwise").joinpath("data/sample.txt").read_text(encoding="utf-8")
 
 
-def _use_color(choice: str, stream: TextIO) -> bool:
-    if choice == "always":
-        return True
-    if choice == "never" or os.environ.get("NO_COLOR"):
-        return False
-    return stream.isatty()
-
-
 def render_plan(words: list[str], plan: Plan, color: bool) -> str:
     """The text with each chunk shown in its rung's colour (or bracketed with its rank)."""
     out: list[str] = []
@@ -56,8 +47,7 @@ def render_plan(words: list[str], plan: Plan, color: bool) -> str:
         rung, rank = int(plan.chunk_rung[c]), int(plan.chunk_rank[c])
         text = " ".join(words[lo:hi])
         if color:
-            bg = _PALETTE[min(rung * len(_PALETTE) // max(len(plan.rungs), 1), len(_PALETTE) - 1)]
-            out.append(f"\x1b[48;5;{bg}m\x1b[97m{text}\x1b[0m")
+            out.append(paint(text, rung, len(plan.rungs)))
         else:
             out.append(f"[r{rank}| {text} ]")
     return " ".join(out)
@@ -69,8 +59,7 @@ def _legend(plan: Plan, color: bool) -> str:
     for i, (rank, n) in enumerate(zip(plan.rungs, hist, strict=True)):
         label = f" r{rank}: {n} "
         if color:
-            bg = _PALETTE[min(i * len(_PALETTE) // max(len(plan.rungs), 1), len(_PALETTE) - 1)]
-            label = f"\x1b[48;5;{bg}m\x1b[97m{label}\x1b[0m"
+            label = paint(label, i, len(plan.rungs))
         parts.append(label)
     return "tokens per rung: " + " ".join(parts)
 
@@ -101,7 +90,7 @@ def _plan_text(text: str, args: argparse.Namespace) -> int:
         plan = sched.plan(ids)
         times.append(time.perf_counter() - t0)
     ms = float(np.median(times)) * 1e3
-    color = _use_color(args.color, sys.stdout)
+    color = use_color(args.color, sys.stdout)
     print(render_plan(words, plan, color))
     print()
     print(_legend(plan, color))
@@ -175,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="plan a text file (or '-' for stdin): chunks and ranks")
     plan.add_argument("file", help="text file to plan, or '-' for standard input")
     plan_options(plan)
+    generate.add_parser(sub)
     return p
 
 
@@ -195,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"chunkwise: cannot read {args.file}: {e.strerror}", file=sys.stderr)
                 return 2
             return _plan_text(text, args)
+        if args.command == "generate":
+            return generate.run(args)
     except ChunkwiseError as e:
         print(f"chunkwise: {e}", file=sys.stderr)
         return 2

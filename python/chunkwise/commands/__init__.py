@@ -1,0 +1,1 @@
+"""The model-driven subcommands of ``chunkwise`` (each module: its options and its run)."""
