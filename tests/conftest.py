@@ -16,3 +16,11 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny local model folder with a tokenizer and a PEFT adapter (see cli_model.py)."""
+    from cli_model import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -6,32 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from chunkwise.cli import main
-from peft_helpers import VOCAB, make_adapter, tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-WORDS = [f"w{i}" for i in range(VOCAB - 3)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
-    model = tiny_model("llama", max_position_embeddings=512)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    make_adapter(model, folder / "adapter", seed=5, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    return folder
+from cli_model import WORDS
 
 
 def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

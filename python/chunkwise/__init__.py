@@ -24,10 +24,10 @@ __version__: str = _core.__version__
 # scheduler and the CLI start without it.
 _LAZY = {
     "kv": ("chunkwise.kv", None),
-    "generate": ("chunkwise.generate", "generate"),
-    "stream": ("chunkwise.generate", "stream"),
-    "GenerationResult": ("chunkwise.generate", "GenerationResult"),
-    "Step": ("chunkwise.generate", "Step"),
+    "generate": ("chunkwise.generation", "generate"),
+    "stream": ("chunkwise.generation", "stream"),
+    "GenerationResult": ("chunkwise.generation", "GenerationResult"),
+    "Step": ("chunkwise.generation", "Step"),
 }
 
 

@@ -17,7 +17,7 @@ from importlib import resources
 
 import numpy as np
 
-from .commands import generate
+from .commands import evaluate, generate
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import ChunkwiseError
 from .plan import Plan
@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("file", help="text file to plan, or '-' for standard input")
     plan_options(plan)
     generate.add_parser(sub)
+    evaluate.add_parser(sub)
     return p
 
 
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan_text(text, args)
         if args.command == "generate":
             return generate.run(args)
+        if args.command == "eval":
+            return evaluate.run(args)
     except ChunkwiseError as e:
         print(f"chunkwise: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def _prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import stream
+    from ..generation import stream
     from ..injection import ChunkwiseModel
     from ..kv import KvPolicy
 

@@ -60,6 +60,8 @@ class GenerationResult:
     difficulty: np.ndarray
     #: Mean rank each prefill chunk ran at, per chunk (empty for a plain model).
     prefill_ranks: list[float]
+    #: Rank of every real prompt token (empty for a plain model).
+    prefill_token_ranks: np.ndarray
     #: The cache after generation (its ledger says which columns each sequence still holds).
     cache: PolicyCache
     prefill_seconds: float
@@ -146,8 +148,15 @@ class Generation:
         self.thresholds: Any = None
         #: Mean rank each prefill chunk ran at (empty for a plain model).
         self.prefill_ranks: list[float] = []
+        self._prefill_token_ranks: list[np.ndarray] = []
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+
+    @property
+    def prefill_token_ranks(self) -> np.ndarray:
+        """Rank of every real prompt token (all rows, chunk by chunk; empty for a plain model)."""
+        parts = self._prefill_token_ranks
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def __iter__(self) -> Iterator[Step]:
         scores = (
@@ -198,6 +207,7 @@ class Generation:
                 grid[m_c.cpu().numpy().astype(bool)] = plan.difficulty
                 self.cache.set_difficulty(grid)
                 self.prefill_ranks.append(float(plan.token_rank.mean()))
+                self._prefill_token_ranks.append(plan.token_rank)
             out = self._forward(ids_c, self.mask[:, :e], self.positions[:, s:e], tp)
             ent, _ = torch_entropy_surprisal(out)
             real = m_c.bool()
@@ -320,6 +330,7 @@ def generate(
         ranks=np.stack([s.rank for s in steps], axis=1),
         difficulty=np.stack([s.difficulty for s in steps], axis=1),
         prefill_ranks=run.prefill_ranks,
+        prefill_token_ranks=run.prefill_token_ranks,
         cache=run.cache,
         prefill_seconds=run.prefill_seconds,
         decode_seconds=run.decode_seconds,
