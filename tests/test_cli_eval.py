@@ -79,3 +79,22 @@ def test_bad_eval_arguments_exit_2(model_dir, tmp_path, extra, needle, capsys):
         extra = ["--modes", "full"]  # no adapter at all: full needs one
     assert main(argv + extra) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_convert_writes_a_ladder_that_reproduces_the_adapter(model_dir, tmp_path, capsys):
+    import chunkwise as cw
+
+    assert main(["convert", str(model_dir / "adapter"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "100.00 %" in out and "modules" in out
+    loaded = cw.RankLadder.load(tmp_path)
+    direct = cw.RankLadder.from_peft(model_dir / "adapter")
+    assert set(loaded.modules) == set(direct.modules)
+    for name, m in direct.modules.items():
+        torch.testing.assert_close(loaded.modules[name].update(), m.update())
+    assert direct.energy(1) < direct.energy(4) < direct.energy(8) == pytest.approx(1.0)
+
+
+def test_convert_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
+    assert main(["convert", str(tmp_path)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

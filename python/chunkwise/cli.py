@@ -17,7 +17,7 @@ from importlib import resources
 
 import numpy as np
 
-from .commands import evaluate, generate
+from .commands import convert, evaluate, generate
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import ChunkwiseError
 from .plan import Plan
@@ -166,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     plan_options(plan)
     generate.add_parser(sub)
     evaluate.add_parser(sub)
+    convert.add_parser(sub)
     return p
 
 
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             return generate.run(args)
         if args.command == "eval":
             return evaluate.run(args)
+        if args.command == "convert":
+            return convert.run(args)
     except ChunkwiseError as e:
         print(f"chunkwise: {e}", file=sys.stderr)
         return 2

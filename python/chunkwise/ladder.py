@@ -96,6 +96,16 @@ class RankLadder:
         """The largest module rank."""
         return max(m.rank for m in self.modules.values())
 
+    def energy(self, rank: int) -> float:
+        """Mean over modules of the share of the update's squared Frobenius norm kept by the
+        rank-``rank`` prefix (``sum_{j<k} σ_j² / sum_j σ_j²``, σ_j = ||A'_j||·||B'_:j||)."""
+        shares = []
+        for m in self.modules.values():
+            sigma2 = (m.a.double().norm(dim=1) * m.b.double().norm(dim=0)) ** 2
+            total = float(sigma2.sum())
+            shares.append(float(sigma2[:rank].sum()) / total if total > 0 else 1.0)
+        return sum(shares) / len(shares)
+
     def save(self, path: str | Path) -> Path:
         """Writes ``chunkwise_ladder.safetensors`` into directory ``path`` (beside a PEFT adapter
         is fine: PEFT reads only its own files). Returns the file path."""
