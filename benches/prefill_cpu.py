@@ -15,31 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import chunkwise as cw
 import numpy as np
 import torch
+from chunkwise.benchmarking import measure, prefill_variants, random_adapter
 from chunkwise.token_plan import TokenPlan
-
-
-def random_adapter(model: torch.nn.Module, rank: int, out: Path, seed: int = 0) -> Path:
-    """A PEFT adapter with random non-zero B (PEFT initialises B to 0)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    )
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    pm.save_pretrained(str(out))
-    return out
 
 
 def held_out_ids(tokenizer, n_tokens: int) -> torch.Tensor:
@@ -57,17 +40,6 @@ def held_out_ids(tokenizer, n_tokens: int) -> torch.Tensor:
         text = sample_text() * 50
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[:n_tokens]
-
-
-def timed(fn, rounds: int) -> dict[str, float]:
-    """Median seconds per variant, rounds interleaved."""
-    times: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        for name, f in fn.items():
-            t0 = time.perf_counter()
-            f()
-            times.setdefault(name, []).append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.no_grad()
@@ -109,8 +81,6 @@ def main() -> None:
     adapter = (
         Path(args.adapter) if args.adapter else random_adapter(base, args.rank, Path(tempfile.mkdtemp()))
     )
-    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
     ladder = cw.RankLadder.from_peft(adapter)
     top = ladder.max_rank
     rungs = tuple(sorted({0, *(top >> k for k in range(5)), top}))
@@ -121,22 +91,11 @@ def main() -> None:
     ids = held_out_ids(tok, max(args.ppl_tokens, args.batch * args.seq + 1))
     batch = ids[: args.batch * args.seq].reshape(args.batch, args.seq)
     plan = cwm.plan_inputs(batch)
-    tp = cwm.token_plan(plan, batch)
-
-    def run_cw(plan_=tp):
-        with cwm.use(plan_):
-            return cwm.model(input_ids=batch).logits
-
-    variants = {
-        "base": lambda: base(input_ids=batch).logits,
-        "merged": lambda: merged(input_ids=batch).logits,
-        "peft": lambda: peft(input_ids=batch).logits,
-        "chunkwise": run_cw,
-    }
+    variants = prefill_variants(base, adapter, cwm, batch)
+    measured = measure(variants, args.rounds, batch.device)
+    times = {k: v["ms"] / 1e3 for k, v in measured.items()}
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
     with torch.no_grad():
-        for f in variants.values():  # warm-up
-            f()
-        times = timed(variants, args.rounds)
         ref = peft(input_ids=batch).logits
         with cwm.use(cwm.top_rung(batch)):
             top_err = ((cwm.model(input_ids=batch).logits - ref).norm() / ref.norm()).item()
@@ -149,6 +108,7 @@ def main() -> None:
         "plan_mean_rank": plan.mean_rank(),
         "rung_histogram": plan.rung_histogram().tolist(),
         "seconds": times,
+        "peak_mb": {k: v["peak_mb"] for k, v in measured.items()},
         "ratio_vs_peft": {k: v / times["peft"] for k, v in times.items()},
         "ratio_vs_merged": {k: v / times["merged"] for k, v in times.items()},
         "top_rung_rel_err_vs_peft": top_err,

@@ -22,9 +22,10 @@ VARIANTS = ("base", "merged", "peft", "chunkwise_half", "chunkwise_top")
 
 @pytest.fixture(scope="module")
 def prefill() -> dict[str, Any]:
+    from chunkwise.benchmarking import random_adapter
     from chunkwise.models import load_smollm2
     from peft import PeftModel
-    from prefill_cpu import held_out_ids, random_adapter
+    from prefill_cpu import held_out_ids
 
     base, tok = load_smollm2()
     adapter = random_adapter(base, 64, Path(tempfile.mkdtemp()))

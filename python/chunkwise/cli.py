@@ -17,7 +17,7 @@ from importlib import resources
 
 import numpy as np
 
-from .commands import convert, evaluate, generate
+from .commands import bench, convert, evaluate, generate
 from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import ChunkwiseError
 from .plan import Plan
@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     evaluate.add_parser(sub)
     convert.add_parser(sub)
+    bench.add_parser(sub)
     return p
 
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate.run(args)
         if args.command == "convert":
             return convert.run(args)
+        if args.command == "bench":
+            return bench.run(args)
     except ChunkwiseError as e:
         print(f"chunkwise: {e}", file=sys.stderr)
         return 2

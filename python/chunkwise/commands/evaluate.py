@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("tokens", "window", "stride", "questions"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}: must be >= 1, got {getattr(args, name)}", name)
-    model, _, tok = load_for_command(args)
+    model, tok, _ = load_for_command(args)
     data = _text_ids(args, tok) if args.task == "ppl" else _questions(args)
     results = []
     adaptive_mean = None

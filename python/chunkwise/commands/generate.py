@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if not text.strip():
         raise InputError("prompt: is empty", "prompt")
     policy = KvPolicy.named(args.kv, args.kv_budget)
-    model, hf, tok = load_for_command(args)
+    model, tok, _ = load_for_command(args)
     if args.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True

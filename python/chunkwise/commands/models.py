@@ -34,8 +34,11 @@ def add_model_options(sp: argparse.ArgumentParser) -> None:
     )
 
 
-def load_for_command(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(model to run — a ChunkwiseModel with --adapter —, the plain transformers model, tokenizer)."""
+def load_for_command(args: argparse.Namespace, clean_copy: bool = False) -> tuple[Any, Any, Any]:
+    """(model to run — a ChunkwiseModel with --adapter —, tokenizer, an untouched deep copy of the
+    base model or None). ``clean_copy`` is for comparisons that need the base without ladders."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,10 +61,11 @@ def load_for_command(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         except (OSError, ValueError) as e:
             raise InputError(f"--model: cannot load {args.model}: {e}", "model") from None
         model.eval()
+    clean = copy.deepcopy(model) if clean_copy else None
     if args.adapter is None:
         if args.target_rank is not None:
             raise InputError("--target-rank: needs --adapter", "target_rank")
-        return model, model, tok
+        return model, tok, clean
     if not args.adapter.is_dir():
         raise AdapterError(f"--adapter: {args.adapter} is not a folder", "adapter")
     ladder_file = args.adapter / "chunkwise_ladder.safetensors"
@@ -73,4 +77,4 @@ def load_for_command(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         config = SchedulerConfig(rungs=rungs, mode="target", target_mean_rank=args.target_rank)
     else:
         config = SchedulerConfig(rungs=rungs)
-    return inject(model, ladder, Scheduler(config)), model, tok
+    return inject(model, ladder, Scheduler(config)), tok, clean

@@ -1,0 +1,140 @@
+"""Side-by-side prefill timing and peak memory: base, PEFT merged, PEFT unmerged and chunkwise,
+measured in one run with rounds interleaved (these machines are noisy: only ratios from one
+run mean anything).
+
+Peak memory per variant: on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on Linux
+CPUs the process's peak RSS (VmHWM, reset before each variant) minus the RSS before it, i.e.
+what the forward added on top of the loaded models; elsewhere ``None``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["measure", "peak_memory_mb", "plot_bars", "prefill_variants", "random_adapter"]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Memory ``fn()`` adds at its peak, in MiB (see the module docs)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        _CLEAR_REFS.write_text("5")  # VmHWM := current RSS
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS:")
+    fn()
+    peak = _rss_kb("VmHWM:")
+    return None if before is None or peak is None else max(0, peak - before) / 1024
+
+
+def measure(variants: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, dict]:
+    """Median milliseconds per call (rounds interleaved, after one warm-up each) and peak MiB."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for f in variants.values():
+            f()
+        for _ in range(rounds):
+            for name, f in variants.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                f()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - t0)
+        peaks = {name: peak_memory_mb(f, device) for name, f in variants.items()}
+    return {k: {"ms": 1e3 * statistics.median(v), "peak_mb": peaks[k]} for k, v in times.items()}
+
+
+def prefill_variants(
+    base: torch.nn.Module, adapter: Path, cwm: Any, batch: torch.Tensor
+) -> dict[str, Callable]:
+    """The four prefill calls on ``batch``: base, merged, PEFT unmerged and chunkwise (the
+    injected model ``cwm`` under its scheduler's plan of ``batch``, planned once up front)."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
+    token_plan = cwm.token_plan(cwm.plan_inputs(batch), batch)
+
+    def chunkwise() -> Any:
+        with cwm.use(token_plan):
+            return cwm.model(input_ids=batch).logits
+
+    return {
+        "base": lambda: base(input_ids=batch).logits,
+        "merged": lambda: merged(input_ids=batch).logits,
+        "peft": lambda: peft(input_ids=batch).logits,
+        "chunkwise": chunkwise,
+    }
+
+
+def random_adapter(model: torch.nn.Module, rank: int, out: Path, seed: int = 0) -> Path:
+    """Saves an all-linear PEFT LoRA of ``rank`` with random non-zero B (PEFT initialises B to
+    0, which would time a no-op adapter) to ``out``; for timing only."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    pm.save_pretrained(str(out))
+    return out
+
+
+def plot_bars(results: dict[str, dict], title: str, path: Path) -> Path:
+    """A PNG with one bar per variant (milliseconds), peak memory written above each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    ms = [results[n]["ms"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    bars = ax.bar(names, ms, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
+    for bar, n in zip(bars, names, strict=True):
+        peak = results[n].get("peak_mb")
+        label = f"{results[n]['ms']:.0f} ms" + (f"\n{peak:.0f} MB" if peak is not None else "")
+        ax.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
+    ax.set_ylabel("milliseconds per prefill")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, max(ms) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
