@@ -80,3 +80,12 @@ def test_empty_text_is_an_error(tmp_path):
     f.write_text("   \n")
     out = _run("plan", str(f))
     assert out.returncode == 2 and "no tokens" in out.stderr
+
+
+def test_plan_writes_a_png(tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("alpha beta gamma " * 40 + "zeta eta theta iota kappa lambda " * 10)
+    png = tmp_path / "plan.png"
+    assert main(["plan", str(f), "--color", "never", "--png", str(png)]) == 0
+    assert f"plot: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000

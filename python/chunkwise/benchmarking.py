@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["measure", "peak_memory_mb", "plot_bars", "prefill_variants", "random_adapter"]
+__all__ = ["measure", "peak_memory_mb", "prefill_variants", "random_adapter"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -112,29 +112,3 @@ def random_adapter(model: torch.nn.Module, rank: int, out: Path, seed: int = 0) 
                 p.normal_(0.0, 0.02)
     pm.save_pretrained(str(out))
     return out
-
-
-def plot_bars(results: dict[str, dict], title: str, path: Path) -> Path:
-    """A PNG with one bar per variant (milliseconds), peak memory written above each bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    ms = [results[n]["ms"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    bars = ax.bar(names, ms, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
-    for bar, n in zip(bars, names, strict=True):
-        peak = results[n].get("peak_mb")
-        label = f"{results[n]['ms']:.0f} ms" + (f"\n{peak:.0f} MB" if peak is not None else "")
-        ax.annotate(
-            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
-        )
-    ax.set_ylabel("milliseconds per prefill")
-    ax.set_title(title, fontsize=9)
-    ax.set_ylim(0, max(ms) * 1.25)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import Counter
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -96,6 +97,10 @@ def _plan_text(text: str, args: argparse.Namespace) -> int:
     print(_legend(plan, color))
     print(plan.summary())
     print(f"planned in {ms:.3f} ms (Rust core, {len(words)} tokens, median of 5)")
+    if args.png is not None:
+        from .plotting import plot_plan
+
+        print(f"plot: {plot_plan(plan, args.png)}")
     return 0
 
 
@@ -152,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
             help="rung per chunk from quantiles of the text's difficulty (equal token "
             "shares per rung) or from fixed thresholds (default: %(default)s)",
         )
+        sp.add_argument("--png", type=Path, help="also plot difficulty and ranks per token into this PNG")
         sp.add_argument(
             "--color",
             choices=("auto", "always", "never"),

@@ -37,7 +37,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarking import measure, plot_bars, prefill_variants, random_adapter
+    from ..benchmarking import measure, prefill_variants, random_adapter
+    from ..plotting import plot_bars
 
     for name in ("tokens", "batch", "rounds", "random_rank"):
         if getattr(args, name) < 1:
