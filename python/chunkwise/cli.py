@@ -23,7 +23,7 @@ from .config import DEFAULT_RUNGS, SchedulerConfig
 from .errors import ChunkwiseError
 from .plan import Plan
 from .scheduler import Scheduler
-from .terminal import paint, use_color
+from .terminal import add_color_option, paint, use_color
 
 __all__ = ["main", "word_tokenize", "render_plan"]
 
@@ -158,12 +158,7 @@ def _parser() -> argparse.ArgumentParser:
             "shares per rung) or from fixed thresholds (default: %(default)s)",
         )
         sp.add_argument("--png", type=Path, help="also plot difficulty and ranks per token into this PNG")
-        sp.add_argument(
-            "--color",
-            choices=("auto", "always", "never"),
-            default="auto",
-            help="colour chunks by rung (default: auto, off when not a terminal or NO_COLOR)",
-        )
+        add_color_option(sp, "chunks")
 
     demo = sub.add_parser("demo", help="plan the bundled sample text and show its chunks and ranks")
     plan_options(demo)

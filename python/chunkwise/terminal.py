@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["paint", "rung_colour", "use_color"]
+__all__ = ["add_color_option", "paint", "rung_colour", "use_color"]
 
 # Background colours from cool (low rank) to hot (high rank), 256-colour ANSI.
 _PALETTE = (238, 24, 30, 64, 136, 166, 160, 125)
+
+
+def add_color_option(parser: Any, what: str) -> None:
+    """``--color auto|always|never`` on ``parser`` (``what``: what gets coloured)."""
+    parser.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help=f"colour {what} by rung (default: auto, off when not a terminal or NO_COLOR is set)",
+    )
 
 
 def use_color(choice: str, stream: TextIO) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..terminal import paint, use_color
+from ..terminal import add_color_option, paint, use_color
 from .models import add_model_options, load_for_command
 
 __all__ = ["add_parser", "run"]
@@ -47,12 +47,7 @@ def add_parser(sub: Any) -> None:
     )
     sp.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     sp.add_argument("--seed", type=int, help="random seed for sampling")
-    sp.add_argument(
-        "--color",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="colour tokens by rung (default: auto)",
-    )
+    add_color_option(sp, "tokens")
     sp.add_argument("--json", type=Path, help="also write tokens, ranks, difficulty and timings here")
 
 
