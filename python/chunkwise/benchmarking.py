@@ -2,9 +2,9 @@
 measured in one run with rounds interleaved (these machines are noisy: only ratios from one
 run mean anything).
 
-Peak memory per variant: on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on Linux
-CPUs the process's peak RSS (VmHWM, reset before each variant) minus the RSS before it, i.e.
-what the forward added on top of the loaded models; elsewhere ``None``.
+Peak memory per variant: what the call allocates on top of the loaded models at its peak —
+``torch.cuda.max_memory_allocated`` after a reset on CUDA, the torch profiler's allocation
+records on CPU (measured in a separate, untimed call: profiling slows it down).
 """
 
 from __future__ import annotations
@@ -21,22 +21,26 @@ import torch
 
 __all__ = ["measure", "peak_memory_mb", "prefill_variants", "random_adapter"]
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of live torch CPU allocations during ``fn()``: the profiler's per-op allocation
+    records, replayed in time order (temporaries freed inside one op are not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
 
 
-def _rss_kb(field: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Memory ``fn()`` adds at its peak, in MiB (see the module docs)."""
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Memory ``fn()`` adds at its peak, in MiB, on top of what existed before (weights, models):
+    ``torch.cuda.max_memory_allocated`` on CUDA, the torch profiler's allocation records on CPU.
+    Independent of what ran before, unlike the process RSS."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -45,14 +49,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        _CLEAR_REFS.write_text("5")  # VmHWM := current RSS
-    except OSError:
-        return None
-    before = _rss_kb("VmRSS:")
-    fn()
-    peak = _rss_kb("VmHWM:")
-    return None if before is None or peak is None else max(0, peak - before) / 1024
+    return _cpu_peak_bytes(fn) / 2**20
 
 
 def measure(variants: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, dict]:

