@@ -106,3 +106,9 @@ def test_demo_runs_the_real_model_against_peft():
     for needle in ("planned from the model's own uncertainty", "tokens per rung", "[r", "PEFT", "agree with"):
         assert needle in out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_a_missing_extra_is_named(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if `pip install .` without [hf]
+    assert main(["demo"]) == 2
+    assert "pip install 'chunkwise[hf]'" in capsys.readouterr().err

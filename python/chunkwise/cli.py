@@ -28,6 +28,9 @@ from .terminal import add_color_option, paint, use_color
 
 __all__ = ["main", "word_tokenize", "render_plan"]
 
+# optional packages and the extra that installs each
+_EXTRAS = {"transformers": "hf", "peft": "hf", "gguf": "hf", "tqdm": "hf", "matplotlib": "plot"}
+
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -217,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     except ChunkwiseError as e:
         print(f"chunkwise: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in _EXTRAS:
+            extra = _EXTRAS[e.name.split(".")[0]]
+            print(
+                f"chunkwise {args.command}: needs {e.name}: pip install 'chunkwise[{extra}]'", file=sys.stderr
+            )
+            return 2
+        raise
     return 2
 
 
