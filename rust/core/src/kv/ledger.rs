@@ -269,14 +269,22 @@ fn select(policy: &KvPolicy, row: &Row, pad: u64, target: usize) -> Vec<usize> {
         let diff = row.chunk_difficulty();
         let max_attn = middle.iter().map(|&i| row.score[i]).fold(0.0f32, f32::max);
         let norm = if max_attn > 0.0 { 1.0 / max_attn } else { 0.0 };
-        let value = |i: usize| {
-            policy.attention_weight * row.score[i] * norm + policy.difficulty_weight * diff[i]
-        };
-        let mut ranked = middle.to_vec();
-        // Highest value first; ties keep the newer token.
-        ranked.sort_by(|&a, &b| value(b).total_cmp(&value(a)).then(b.cmp(&a)));
-        ranked.truncate(room);
-        ranked
+        let value: Vec<f32> = middle
+            .iter()
+            .map(|&i| {
+                policy.attention_weight * row.score[i] * norm + policy.difficulty_weight * diff[i]
+            })
+            .collect();
+        // Highest value first; ties keep the newer token. A partial selection is enough: the
+        // kept slots are sorted by position afterwards.
+        let mut order: Vec<usize> = (0..middle.len()).collect();
+        if room > 0 && room < order.len() {
+            order.select_nth_unstable_by(room - 1, |&a, &b| {
+                value[b].total_cmp(&value[a]).then(b.cmp(&a))
+            });
+        }
+        order.truncate(room);
+        order.into_iter().map(|k| middle[k]).collect()
     } else {
         middle[middle.len() - room..].to_vec()
     };
