@@ -88,7 +88,7 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             step_ms.append(1e3 * (time.perf_counter() - t1))
             pos = pos + 1
-    per_token = cache._bytes_per_token(cache.layers[0].keys)
+    per_token = cache.bytes_per_token
     return {
         "policy": kind,
         "budget": cache.policy.budget,

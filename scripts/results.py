@@ -43,8 +43,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, required=True, help="trained PEFT adapter folder")
     ap.add_argument("--budgets", default="16,32,48", help="target mean ranks (default: 16,32,48)")
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity")
-    ap.add_argument("--questions", type=int, default=50, help="SQuAD questions per mode")
-    ap.add_argument("--squad-budget", type=float, default=32, help="mean rank of the SQuAD comparison")
+    ap.add_argument("--questions", type=int, default=40, help="SQuAD questions per mode (default: 40)")
     ap.add_argument("--kv-json", type=Path, help="rows written by benches/kv_cpu.py --json")
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
@@ -151,22 +150,20 @@ def main() -> None:
     ex = squad_examples()
     ex = ex[:: max(1, len(ex) // args.questions)][: args.questions]
     rows = []
+    runs: list[tuple[str, float | None]] = [("base", None), ("full", None)]
+    for b in budgets:
+        runs += [("adaptive", b), ("uniform", None)]
     sq_ad = None
-    for mode, rank in (("base", None), ("full", None), ("adaptive", args.squad_budget), ("uniform", None)):
+    for mode, rank in runs:
         if mode == "uniform":
-            rank = max(1, round(sq_ad.mean_rank))
+            rank = max(1, round(sq_ad.mean_rank))  # the adaptive run just before it
         r = squad(cwm, tok, ex, mode, rank=rank, progress=False)
         if mode == "adaptive":
             sq_ad = r
-        rows.append(
-            [
-                mode if rank is None else f"{mode} ({rank:g})",
-                f"{r.mean_rank:.1f}",
-                f"{r.exact_match:.1f}",
-                f"{r.f1:.1f}",
-                f"{r.seconds:.0f}",
-            ]
-        )
+        label = {"base": "base (no adapter)", "full": f"full LoRA (r={top})"}.get(mode)
+        if label is None:
+            label = f"chunkwise adaptive, target {rank:g}" if mode == "adaptive" else f"uniform rank {rank}"
+        rows.append([label, f"{r.mean_rank:.1f}", f"{r.exact_match:.1f}", f"{r.f1:.1f}", f"{r.seconds:.0f}"])
     md += [
         "## SQuAD v1.1 (dev subset)",
         "",

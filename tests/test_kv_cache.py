@@ -166,6 +166,7 @@ def test_byte_budget_becomes_tokens():
     with torch.no_grad():
         model(input_ids=torch.randint(3, VOCAB, (1, 3)), cache=cache)
     assert cache.policy.budget == 10 and cache.policy.budget_bytes is None
+    assert cache.bytes_per_token == per_token
     tight = PolicyCache(KvPolicy(window=4, budget_bytes=3 * per_token), model.config)
     with pytest.raises(cw.ConfigError, match="budget_bytes"), torch.no_grad():
         model(input_ids=torch.randint(3, VOCAB, (1, 3)), cache=tight)

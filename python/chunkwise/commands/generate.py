@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             break
     sys.stdout.write("\n\n")
     cache = gen.cache
-    per_token = cache._bytes_per_token(cache.layers[0].keys)
+    per_token = cache.bytes_per_token
     full_slots = ids.shape[1] + len(new) - 1
     decode_ms = 1e3 * gen.decode_seconds / max(1, len(new) - 1)
     print(

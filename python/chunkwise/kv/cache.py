@@ -213,6 +213,12 @@ class PolicyCache(Cache):
         _, h, _, d = key_states.shape
         return 2 * len(self.layers) * h * d * key_states.element_size()
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of keys + values one token takes over all layers (0 before the first forward)."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else self._bytes_per_token(keys)
+
     def _begin_forward(self, key_states: torch.Tensor) -> None:
         batch, q = key_states.shape[0], key_states.shape[-2]
         if self.ledger is None:
