@@ -98,3 +98,14 @@ def test_convert_writes_a_ladder_that_reproduces_the_adapter(model_dir, tmp_path
 def test_convert_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["convert", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_plan_with_a_model_uses_its_tokens_and_signals(model_dir, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT)
+    png = tmp_path / "p.png"
+    argv = ["plan", str(f), "--model", str(model_dir), "--color", "never", "--png", str(png), "--rungs", "0", "4", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "300 tokens" in out and "the model's entropy and surprisal" in out
+    assert "[r" in out and png.read_bytes()[:4] == b"\x89PNG"

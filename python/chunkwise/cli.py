@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from .plan import Plan
 from .scheduler import Scheduler
 from .terminal import add_color_option, paint, use_color
 
-__all__ = ["main", "word_tokenize", "render_plan"]
+__all__ = ["main", "render_chunks", "render_plan", "word_tokenize"]
 
 # optional packages and the extra that installs each
 _EXTRAS = {"transformers": "hf", "peft": "hf", "gguf": "hf", "tqdm": "hf", "matplotlib": "plot"}
@@ -44,18 +45,21 @@ def sample_text() -> str:
     return resources.files("chunkwise").joinpath("data/sample.txt").read_text(encoding="utf-8")
 
 
-def render_plan(words: list[str], plan: Plan, color: bool) -> str:
-    """The text with each chunk shown in its rung's colour (or bracketed with its rank)."""
+def render_chunks(texts: list[str], plan: Plan, color: bool, sep: str = " ") -> str:
+    """Each chunk's text (``texts[c]``) in its rung's colour, or bracketed with its rank."""
     out: list[str] = []
-    for c in range(plan.n_chunks):
-        lo, hi = int(plan.chunk_offsets[c]), int(plan.chunk_offsets[c + 1])
+    for c, text in enumerate(texts):
         rung, rank = int(plan.chunk_rung[c]), int(plan.chunk_rank[c])
-        text = " ".join(words[lo:hi])
-        if color:
-            out.append(paint(text, rung, len(plan.rungs)))
-        else:
-            out.append(f"[r{rank}| {text} ]")
-    return " ".join(out)
+        out.append(paint(text, rung, len(plan.rungs)) if color else f"[r{rank}|{sep}{text}{sep}]")
+    return sep.join(out)
+
+
+def render_plan(words: list[str], plan: Plan, color: bool) -> str:
+    """The words with each chunk shown in its rung's colour (or bracketed with its rank)."""
+    bounds = plan.chunk_offsets.tolist()
+    return render_chunks(
+        [" ".join(words[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)], plan, color
+    )
 
 
 def _legend(plan: Plan, color: bool) -> str:
@@ -69,15 +73,8 @@ def _legend(plan: Plan, color: bool) -> str:
     return "tokens per rung: " + " ".join(parts)
 
 
-def _plan_text(text: str, args: argparse.Namespace) -> int:
-    words = word_tokenize(text)
-    if not words:
-        raise ChunkwiseError("text: no tokens in the input", "text")
-    vocab: dict[str, int] = {}
-    ids = np.array([vocab.setdefault(w.lower(), len(vocab)) for w in words], dtype=np.int64)
-    counts = Counter(ids.tolist())
-    unigram = np.array([counts[i] for i in range(len(vocab))], dtype=np.float64)
-    config = SchedulerConfig(
+def _config(args: argparse.Namespace, weights: dict[str, float] | None) -> SchedulerConfig:
+    return SchedulerConfig(
         rungs=tuple(args.rungs),
         min_len=args.min_len,
         max_len=args.max_len,
@@ -86,26 +83,72 @@ def _plan_text(text: str, args: argparse.Namespace) -> int:
         crossfade=min(args.crossfade, args.min_len),
         ema=args.ema,
         mode=args.mode,
-        weights={"novelty": 1.0, "rarity": 1.0, "position": 0.25},
+        weights=weights,
     )
-    sched = Scheduler(config, unigram_counts=unigram)
+
+
+def _timed_plan(sched: Scheduler, ids: np.ndarray, **signals: Any) -> tuple[Plan, float]:
+    """The plan and the median of 5 planning times in ms (the first call also starts threads)."""
     times = []
-    for _ in range(5):  # the first call also starts the worker threads: report the median
+    for _ in range(5):
         t0 = time.perf_counter()
-        plan = sched.plan(ids)
+        plan = sched.plan(ids, **signals)
         times.append(time.perf_counter() - t0)
-    ms = float(np.median(times)) * 1e3
+    return plan, float(np.median(times)) * 1e3
+
+
+def _show(rendered: str, plan: Plan, ms: float, args: argparse.Namespace, source: str) -> int:
     color = use_color(args.color, sys.stdout)
-    print(render_plan(words, plan, color))
+    print(rendered)
     print()
     print(_legend(plan, color))
     print(plan.summary())
-    print(f"planned in {ms:.3f} ms (Rust core, {len(words)} tokens, median of 5)")
+    print(
+        f"planned in {ms:.3f} ms (Rust core, {plan.n_tokens} tokens, median of 5; difficulty from {source})"
+    )
     if args.png is not None:
         from .plotting import plot_plan
 
         print(f"plot: {plot_plan(plan, args.png)}")
     return 0
+
+
+def _plan_text(text: str, args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) is not None:
+        return _plan_with_model(text, args)
+    words = word_tokenize(text)
+    if not words:
+        raise ChunkwiseError("text: no tokens in the input", "text")
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w.lower(), len(vocab)) for w in words], dtype=np.int64)
+    counts = Counter(ids.tolist())
+    unigram = np.array([counts[i] for i in range(len(vocab))], dtype=np.float64)
+    sched = Scheduler(
+        _config(args, {"novelty": 1.0, "rarity": 1.0, "position": 0.25}), unigram_counts=unigram
+    )
+    plan, ms = _timed_plan(sched, ids)
+    rendered = render_plan(words, plan, use_color(args.color, sys.stdout))
+    return _show(rendered, plan, ms, args, "n-gram novelty, word rarity and position")
+
+
+def _plan_with_model(text: str, args: argparse.Namespace) -> int:
+    """Plans ``text`` in the model's own tokens, difficulty from its entropy and surprisal."""
+    from .commands.models import load_for_command
+    from .signals import next_token_signals
+
+    folder = None if args.model == "smollm2" else Path(args.model)
+    loaded = argparse.Namespace(model=folder, adapter=None, target_rank=None)
+    model, tok, _ = load_for_command(loaded)
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    if len(ids) == 0:
+        raise ChunkwiseError("text: no tokens in the input", "text")
+    entropy, surprisal = next_token_signals(model, ids)
+    sched = Scheduler(_config(args, {"entropy": 1.0, "surprisal": 1.0}))
+    plan, ms = _timed_plan(sched, ids.numpy().astype(np.int64), entropy=entropy, surprisal=surprisal)
+    bounds = plan.chunk_offsets.tolist()
+    texts = [tok.decode(ids[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    rendered = render_chunks(texts, plan, use_color(args.color, sys.stdout), sep="")
+    return _show(rendered, plan, ms, args, "the model's entropy and surprisal")
 
 
 def _positive(v: str) -> int:
@@ -180,6 +223,14 @@ def _parser() -> argparse.ArgumentParser:
     plan_options(demo)
     plan = sub.add_parser("plan", help="plan a text file (or '-' for stdin): chunks and ranks")
     plan.add_argument("file", help="text file to plan, or '-' for standard input")
+    plan.add_argument(
+        "--model",
+        nargs="?",
+        const="smollm2",
+        help="difficulty from a language model's entropy and surprisal, in its own tokens: --model alone "
+        "uses SmolLM2-135M-Instruct, --model DIR a local transformers folder (default: no model; "
+        "n-gram novelty, word rarity and position over words)",
+    )
     plan_options(plan)
     generate.add_parser(sub)
     evaluate.add_parser(sub)

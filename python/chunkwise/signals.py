@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["entropy_from_logits", "surprisal_from_logits", "torch_entropy_surprisal"]
+__all__ = ["entropy_from_logits", "next_token_signals", "surprisal_from_logits", "torch_entropy_surprisal"]
 
 
 def entropy_from_logits(logits: np.ndarray) -> np.ndarray:
@@ -37,3 +37,20 @@ def torch_entropy_surprisal(logits: Any, token_ids: Any | None = None) -> tuple[
     if token_ids is not None:
         sur = (-logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1) / ln_v).clamp(0.0, 1.0)
     return ent.clamp(0.0, 1.0), sur
+
+
+def next_token_signals(model: Any, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (entropy, surprisal) of one sequence under a causal LM, float32 numpy arrays:
+    token t's signals come from the logits at t − 1 (what the model expected before seeing it);
+    token 0 has none (0). ``input_ids``: [1, T] or [T]."""
+    import torch
+
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+    ent, sur = torch_entropy_surprisal(logits[:, :-1], ids[:, 1:])
+    zero = np.zeros(1, np.float32)
+    return (
+        np.concatenate([zero, ent[0].float().cpu().numpy()]).astype(np.float32),
+        np.concatenate([zero, sur[0].float().cpu().numpy()]).astype(np.float32),
+    )

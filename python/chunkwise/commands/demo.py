@@ -22,19 +22,6 @@ def _prompt(sample: str) -> str:
     return ". ".join(sentences[:4]) + "."
 
 
-def _show_plan(tok: Any, ids: Any, plan: Any, color: bool) -> str:
-    """The prompt's tokens grouped into chunks, each coloured by (or tagged with) its rank."""
-    from ..terminal import paint
-
-    out = []
-    for c in range(plan.n_chunks):
-        lo, hi = int(plan.chunk_offsets[c]), int(plan.chunk_offsets[c + 1])
-        text = tok.decode(ids[lo:hi])
-        rung, rank = int(plan.chunk_rung[c]), int(plan.chunk_rank[c])
-        out.append(paint(text, rung, len(plan.rungs)) if color else f"[r{rank}|{text}]")
-    return "".join(out)
-
-
 def run_model_demo(args: argparse.Namespace, sample: str) -> int:
     import warnings
 
@@ -42,6 +29,7 @@ def run_model_demo(args: argparse.Namespace, sample: str) -> int:
     from peft import PeftModel
 
     from ..benchmarking import peak_memory_mb
+    from ..cli import render_chunks
     from ..config import SchedulerConfig
     from ..demo_adapter import DEMO_RANK, demo_adapter
     from ..generation import generate
@@ -50,7 +38,7 @@ def run_model_demo(args: argparse.Namespace, sample: str) -> int:
     from ..ladder import RankLadder
     from ..models import cache_root, load_smollm2
     from ..scheduler import Scheduler
-    from ..signals import torch_entropy_surprisal
+    from ..signals import next_token_signals
     from ..terminal import paint, use_color
 
     # transformers' deprecation notices about its own internals are not the user's business here
@@ -69,18 +57,17 @@ def run_model_demo(args: argparse.Namespace, sample: str) -> int:
 
     prompt = _prompt(sample)
     ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode(), cwm.use(None):
-        ent, sur = torch_entropy_surprisal(cwm.model(input_ids=ids).logits[:, :-1], ids[:, 1:])
-    pad = np.zeros(1, np.float32)
-    entropy = np.concatenate([pad, ent[0].numpy()]).astype(np.float32)
-    surprisal = np.concatenate([pad, sur[0].numpy()]).astype(np.float32)
+    with cwm.use(None):
+        entropy, surprisal = next_token_signals(cwm.model, ids)
     plan = sched.plan([ids[0].numpy()], entropy=[entropy], surprisal=[surprisal])
     color = use_color(args.color, sys.stdout)
     print(
         f"The prompt, planned from the model's own uncertainty ({plan.n_chunks} chunks, "
         f"mean rank {plan.mean_rank():.1f} of {DEMO_RANK}):\n"
     )
-    print(_show_plan(tok, ids[0], plan, color))
+    bounds = plan.chunk_offsets.tolist()
+    texts = [tok.decode(ids[0, lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    print(render_chunks(texts, plan, color, sep=""))
     print(
         "\ntokens per rung: "
         + "  ".join(f"r{r}: {n}" for r, n in zip(rungs, plan.rung_histogram(), strict=True))
