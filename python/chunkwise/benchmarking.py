@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     records, replayed in time order (temporaries freed inside one op are not seen)."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop chatter on stderr
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())

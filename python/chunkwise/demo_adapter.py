@@ -21,7 +21,7 @@ _BLOCK = 64
 
 def demo_adapter(model: Any, tokenizer: Any, text: str, cache: Path, progress: bool = True) -> Path:
     """The folder of the demo adapter for ``model`` (trained on ``text`` if not cached yet)."""
-    folder = cache / f"demo-adapter-r{DEMO_RANK}"
+    folder = cache / f"demo-adapter-r{DEMO_RANK}-v2"  # v2: gentler training (lr 3e-4)
     if (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file():
         return folder
     from peft import LoraConfig, get_peft_model
@@ -34,7 +34,7 @@ def demo_adapter(model: Any, tokenizer: Any, text: str, cache: Path, progress: b
     lora = LoraConfig(r=DEMO_RANK, lora_alpha=2 * DEMO_RANK, target_modules=["q_proj", "v_proj", "o_proj"])
     pm = get_peft_model(copy.deepcopy(model), lora)
     pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-4)
     for step in tqdm(
         range(_STEPS), desc="training the demo adapter (once)", disable=not progress, leave=False
     ):
