@@ -104,7 +104,8 @@ def test_plan_with_a_model_uses_its_tokens_and_signals(model_dir, tmp_path, caps
     f = tmp_path / "t.txt"
     f.write_text(TEXT)
     png = tmp_path / "p.png"
-    argv = ["plan", str(f), "--model", str(model_dir), "--color", "never", "--png", str(png), "--rungs", "0", "4", "8"]
+    argv = ["plan", str(f), "--model", str(model_dir), "--color", "never", "--png", str(png)]
+    argv += ["--rungs", "0", "4", "8"]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "300 tokens" in out and "the model's entropy and surprisal" in out
