@@ -232,9 +232,10 @@ class Generation:
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
             ent, sur = torch_entropy_surprisal(logits, tok)
             ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
+            tok_np = tok.cpu().numpy().astype(np.int64)  # one host copy per step
             tp = None
             if decoder is not None:
-                decoder.step(tok.cpu().numpy().astype(np.int64), entropy=ent_np, surprisal=sur_np)
+                decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
                 chunk_id += decoder.new_chunk.astype(np.uint64)
                 rank, difficulty = decoder.rank.copy(), decoder.difficulty.copy()
                 device, dtype = self.cwm._device_dtype()
@@ -253,7 +254,7 @@ class Generation:
             else:
                 rank, difficulty = np.full(self.batch, -1, np.int32), ent_np.astype(np.float32)
             if self.eos is not None:
-                done = done | (tok.cpu().numpy() == self.eos)
+                done = done | (tok_np == self.eos)
             yield Step(tok, rank, difficulty, done.copy())
             if done.all() or step == self.max_new_tokens - 1:
                 return
