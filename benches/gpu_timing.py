@@ -32,7 +32,7 @@ import chunkwise.kernels as K
 import numpy as np
 import torch
 from chunkwise.kernels import KernelSegments, LoraFactors
-from chunkwise.token_plan import TokenPlan
+from chunkwise.nn.token_plan import TokenPlan
 
 LADDER = (0, 4, 8, 16, 32, 64)
 RANK_P = (0.15, 0.15, 0.2, 0.25, 0.15, 0.10)  # mean rank ~ 17

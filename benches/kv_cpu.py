@@ -28,8 +28,8 @@ from pathlib import Path
 import chunkwise as cw
 import numpy as np
 import torch
+from chunkwise.assets.smollm2 import load_smollm2
 from chunkwise.kv import KvPolicy, PolicyCache, track_attention
-from chunkwise.models import load_smollm2
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prefill_cpu import held_out_ids  # noqa: E402

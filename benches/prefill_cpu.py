@@ -21,21 +21,21 @@ from pathlib import Path
 import chunkwise as cw
 import numpy as np
 import torch
-from chunkwise.benchmarking import measure, prefill_variants, random_adapter
-from chunkwise.token_plan import TokenPlan
+from chunkwise.eval.benchmarking import measure, prefill_variants, random_adapter
+from chunkwise.nn.token_plan import TokenPlan
 
 
 def held_out_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     """Token ids of held-out Wikipedia text (eval split), or the bundled sample as a fallback."""
     try:
-        from chunkwise.corpora import split_by_article, wikipedia_articles
+        from chunkwise.assets.corpora import split_by_article, wikipedia_articles
 
         # The same held-out split as scripts/train_adapter.py (English, 20 %, seed 0).
         _, ev = split_by_article(wikipedia_articles("en"), "title", eval_fraction=0.2, seed=0)
         text = "\n\n".join(a.text for a in ev)
     except Exception as e:  # noqa: BLE001 - the benchmark must still time something
         print(f"(held-out corpus unavailable: {e}; using the bundled sample text)")
-        from chunkwise.cli import sample_text
+        from chunkwise.assets import sample_text
 
         text = sample_text() * 50
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -74,7 +74,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from chunkwise.models import load_smollm2
+    from chunkwise.assets.smollm2 import load_smollm2
     from peft import PeftModel
 
     base, tok = load_smollm2()

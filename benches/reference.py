@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from chunkwise.plan import PLAN_ARRAYS
+from chunkwise.schedule.plan import PLAN_ARRAYS
 
 __all__ = [
     "DEFAULT_WEIGHTS",

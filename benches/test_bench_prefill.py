@@ -22,8 +22,8 @@ VARIANTS = ("base", "merged", "peft", "chunkwise_half", "chunkwise_top")
 
 @pytest.fixture(scope="module")
 def prefill() -> dict[str, Any]:
-    from chunkwise.benchmarking import random_adapter
-    from chunkwise.models import load_smollm2
+    from chunkwise.assets.smollm2 import load_smollm2
+    from chunkwise.eval.benchmarking import random_adapter
     from peft import PeftModel
     from prefill_cpu import held_out_ids
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import chunkwise as cw
 import numpy as np
 import torch
-from chunkwise.benchmarking import measure, peak_memory_mb, prefill_variants
-from chunkwise.corpora import split_by_article, squad_examples, wikipedia_articles
-from chunkwise.evaluation import perplexity, squad
-from chunkwise.models import load_smollm2
-from chunkwise.plotting import plot_bars, plot_plan
+from chunkwise.assets.corpora import split_by_article, squad_examples, wikipedia_articles
+from chunkwise.assets.smollm2 import load_smollm2
+from chunkwise.eval.benchmarking import measure, peak_memory_mb, prefill_variants
+from chunkwise.eval.evaluation import perplexity, squad
+from chunkwise.eval.plotting import plot_bars, plot_plan
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:

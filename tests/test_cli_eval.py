@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from chunkwise.cli import main
-from chunkwise.metrics import causal_lm_nll, strided_perplexity
+from chunkwise.eval.metrics import causal_lm_nll, strided_perplexity
 from cli_model import WORDS
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer

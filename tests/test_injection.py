@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from chunkwise import AdapterError, InputError, RankLadder, StateError
-from chunkwise.ladder import LadderModule
-from chunkwise.layers import ChunkwiseLinear
-from chunkwise.token_plan import TokenPlan
+from chunkwise.adapters.ladder import LadderModule
+from chunkwise.nn.linear import ChunkwiseLinear
+from chunkwise.nn.token_plan import TokenPlan
 from peft_helpers import (
     all_top_scheduler,
     assert_matches,

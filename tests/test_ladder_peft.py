@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from chunkwise import AdapterError, RankLadder
-from chunkwise.ladder import LADDER_FILE, LadderModule, factor_update
-from chunkwise.token_plan import TokenPlan
+from chunkwise.adapters.ladder import LADDER_FILE, LadderModule, factor_update
+from chunkwise.nn.token_plan import TokenPlan
 from peft_helpers import (
     ATTN_TARGETS,
     all_top_scheduler,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from chunkwise import InputError
-from chunkwise.metrics import (
+from chunkwise.eval.metrics import (
     causal_lm_nll,
     exact_match,
     f1,

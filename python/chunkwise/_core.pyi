@@ -1,52 +1,106 @@
 """Type stubs of the Rust extension module ``chunkwise._core`` (see rust/py/src)."""
 
 from collections.abc import Mapping, Sequence
+from typing import Literal, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "Config",
+    "Scheduler",
+    "DecodeBatch",
+    "KvLedger",
+    "entropy_from_logits",
+    "surprisal_from_logits",
+    "__version__",
+    "DEFAULT_RUNGS",
+    "PLAN_ARRAYS",
+]
+
 __version__: str
+DEFAULT_RUNGS: tuple[int, ...]
+PLAN_ARRAYS: tuple[str, ...]
 
+@final
 class Config:
-    """A validated scheduler configuration (built by ``chunkwise.SchedulerConfig``)."""
+    """A validated scheduler configuration (built by ``chunkwise.SchedulerConfig``).
 
-    def __init__(
-        self,
+    Every argument is optional; a missing one takes the core's default (``Config.default()``).
+    """
+
+    def __new__(
+        cls,
         *,
-        rungs: Sequence[int],
+        rungs: Sequence[int] | None = None,
         rung_scales: Sequence[float] | None = None,
-        mode: str = "threshold",
+        mode: str | None = None,
         thresholds: Sequence[float] | None = None,
         quantiles: Sequence[float] | None = None,
         target_mean_rank: float | None = None,
-        min_len: int = 16,
-        max_len: int = 128,
-        granularity: int = 8,
-        chunk_penalty: float = 0.5,
-        crossfade: int = 4,
-        hysteresis: float = 0.05,
-        budget_share: float = 1.0,
+        min_len: int | None = None,
+        max_len: int | None = None,
+        granularity: int | None = None,
+        chunk_penalty: float | None = None,
+        crossfade: int | None = None,
+        hysteresis: float | None = None,
+        budget_share: float | None = None,
         budget_rank: int | None = None,
         weights: Mapping[str, float] | None = None,
-        ngram: int = 2,
-        novelty_window: int = 256,
-        ema: float = 0.3,
-        position_tau: float = 64.0,
-        probe_scale: float = 1.0,
-    ) -> None: ...
+        ngram: int | None = None,
+        novelty_window: int | None = None,
+        ema: float | None = None,
+        position_tau: float | None = None,
+        probe_scale: float | None = None,
+    ) -> Config: ...
+    @staticmethod
+    def default() -> Config: ...
     @property
     def rungs(self) -> list[int]: ...
     @property
-    def thresholds(self) -> list[float]: ...
-    @property
     def rung_scales(self) -> list[float]: ...
     @property
+    def mode(self) -> Literal["threshold", "quantile", "target"]: ...
+    @property
+    def thresholds(self) -> list[float]: ...
+    @property
+    def quantiles(self) -> list[float] | None: ...
+    @property
+    def target_mean_rank(self) -> float | None: ...
+    @property
+    def min_len(self) -> int: ...
+    @property
+    def max_len(self) -> int: ...
+    @property
+    def granularity(self) -> int: ...
+    @property
+    def chunk_penalty(self) -> float: ...
+    @property
+    def crossfade(self) -> int: ...
+    @property
+    def hysteresis(self) -> float: ...
+    @property
+    def budget_share(self) -> float: ...
+    @property
     def budget_rank(self) -> int: ...
+    @property
+    def weights(self) -> dict[str, float]: ...
+    @property
+    def ngram(self) -> int: ...
+    @property
+    def novelty_window(self) -> int: ...
+    @property
+    def ema(self) -> float: ...
+    @property
+    def position_tau(self) -> float: ...
+    @property
+    def probe_scale(self) -> float: ...
 
+@final
 class Scheduler:
     """An immutable planner; ``plan`` releases the GIL."""
 
-    def __init__(self, config: Config, unigram_counts: npt.NDArray[np.float64] | None = None) -> None: ...
+    def __new__(cls, config: Config, unigram_counts: npt.NDArray[np.float64] | None = None) -> Scheduler: ...
     def plan(
         self,
         token_ids: npt.NDArray[np.int64],
@@ -63,6 +117,7 @@ class Scheduler:
     @property
     def has_unigram_table(self) -> bool: ...
 
+@final
 class DecodeBatch:
     """Streaming decode state; ``step`` rewrites the output arrays in place."""
 
@@ -75,9 +130,9 @@ class DecodeBatch:
     difficulty: npt.NDArray[np.float32]
     new_chunk: npt.NDArray[np.bool_]
 
-    def __init__(
-        self, scheduler: Scheduler, batch_size: int, thresholds: Sequence[float] | None = None
-    ) -> None: ...
+    def __new__(
+        cls, scheduler: Scheduler, batch_size: int, thresholds: Sequence[float] | None = None
+    ) -> DecodeBatch: ...
     def step(
         self,
         token_ids: npt.NDArray[np.int64],
@@ -92,11 +147,12 @@ class DecodeBatch:
     def thresholds(self) -> list[float]: ...
     def __len__(self) -> int: ...
 
+@final
 class KvLedger:
     """KV-cache books of a batch (columns, chunks, difficulty, attention) and its evictions."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         padding: Sequence[int],
         *,
         sinks: int = 0,
@@ -105,7 +161,7 @@ class KvLedger:
         slack: int = 0,
         attention_weight: float = 0.0,
         difficulty_weight: float = 0.0,
-    ) -> None: ...
+    ) -> KvLedger: ...
     def append(
         self,
         n: int,

@@ -1,13 +1,13 @@
-"""The chunkwise exception hierarchy.
+"""The chunkwise exception hierarchy: the one place every error class is defined.
 
 Every error raised on bad input is a :class:`ChunkwiseError`; the configuration and input
 errors are also ``ValueError`` so generic handlers keep working. ``parameter`` names the
-offending argument (the Rust core fills it in for errors it raises).
+offending argument (the Rust bindings fill it in for errors they raise). Imports nothing.
 """
 
 from __future__ import annotations
 
-__all__ = ["AdapterError", "ChunkwiseError", "ConfigError", "InputError", "StateError"]
+__all__ = ["AdapterError", "ChunkwiseError", "ConfigError", "InputError", "KernelError", "StateError"]
 
 
 class ChunkwiseError(Exception):
@@ -32,3 +32,7 @@ class StateError(ChunkwiseError, RuntimeError):
 
 class AdapterError(ChunkwiseError, ValueError):
     """An adapter or ladder file is unreadable, inconsistent, unsupported or does not fit the model."""
+
+
+class KernelError(ChunkwiseError, RuntimeError):
+    """The CUDA kernels could not be compiled or loaded."""

@@ -26,10 +26,8 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .injection import ChunkwiseModel
 from .kv import KvPolicy, PolicyCache, left_padding, track_attention
-from .signals import torch_entropy_surprisal
-from .token_plan import TokenPlan
+from .nn import ChunkwiseModel, TokenPlan, torch_entropy_surprisal
 
 __all__ = ["Generation", "GenerationResult", "Step", "generate", "stream"]
 
@@ -138,7 +136,7 @@ class Generation:
         self.hf = model.model if self.cwm is not None else model
         self.batch = self.ids.shape[0]
         self.adapters = adapters
-        self.ad = self.cwm._adapter_ids(adapters, self.batch) if self.cwm is not None else None
+        self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None
         self.cache = PolicyCache(policy, self.hf.config, self.mask)
         self.max_new_tokens, self.prefill_chunk = max_new_tokens, prefill_chunk or self.ids.shape[1]
         self.eos, self.pad = eos_token_id, pad_token_id
@@ -238,7 +236,7 @@ class Generation:
                 decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
                 chunk_id += decoder.new_chunk.astype(np.uint64)
                 rank, difficulty = decoder.rank.copy(), decoder.difficulty.copy()
-                device, dtype = self.cwm._device_dtype()
+                device, dtype = self.cwm.device_dtype()
                 tp = TokenPlan.build(
                     decoder.rank,
                     decoder.lo,

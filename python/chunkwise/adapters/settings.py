@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
+from .files import CONFIG_FILE
 
 __all__ = ["LoraSettings", "read_settings"]
 
@@ -154,19 +155,19 @@ def _tuple(value: Any, kind: type, name: str) -> Any:
 
 def read_settings(path: str | Path) -> LoraSettings:
     """Reads and checks ``adapter_config.json`` in the adapter directory ``path``."""
-    file = Path(path) / "adapter_config.json"
+    file = Path(path) / CONFIG_FILE
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{file}: no adapter_config.json (not a PEFT adapter directory)", "path") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: unreadable ({e})", "adapter_config.json") from None
+        raise AdapterError(f"{file}: unreadable ({e})", CONFIG_FILE) from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{file}: expected a JSON object", "adapter_config.json")
     return settings_from_dict(raw, str(file))
 
 
-def settings_from_dict(raw: Mapping[str, Any], where: str = "adapter_config.json") -> LoraSettings:
+def settings_from_dict(raw: Mapping[str, Any], where: str = CONFIG_FILE) -> LoraSettings:
     """Validates a PEFT LoRA config dict; refuses what chunkwise does not implement."""
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{where}: peft_type {raw.get('peft_type')!r} is not LORA", "peft_type")

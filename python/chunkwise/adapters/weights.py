@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
+from .files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 __all__ = ["LoraModuleWeights", "AdapterWeights", "read_weights"]
 
@@ -35,8 +36,8 @@ class AdapterWeights:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    st = path / "adapter_model.safetensors"
-    binf = path / "adapter_model.bin"
+    st = path / WEIGHTS_FILE
+    binf = path / PICKLE_WEIGHTS_FILE
     if st.exists():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -44,9 +45,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(st))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterError(
-                f"{st}: not a readable safetensors file ({e})", "adapter_model.safetensors"
-            ) from None
+            raise AdapterError(f"{st}: not a readable safetensors file ({e})", WEIGHTS_FILE) from None
     if binf.exists():
         try:
             out = torch.load(str(binf), map_location="cpu", weights_only=True)
@@ -55,10 +54,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(
                 f"{binf}: refused: not a plain tensor file ({type(e).__name__}: {first}); "
                 "adapter files are data and are never unpickled",
-                "adapter_model.bin",
+                PICKLE_WEIGHTS_FILE,
             ) from None
         if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
-            raise AdapterError(f"{binf}: expected a dict of tensors", "adapter_model.bin")
+            raise AdapterError(f"{binf}: expected a dict of tensors", PICKLE_WEIGHTS_FILE)
         return out
     raise AdapterError(f"{path}: no adapter_model.safetensors or adapter_model.bin", "path")
 

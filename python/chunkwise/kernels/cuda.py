@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ChunkwiseError, ConfigError, InputError
+from ..errors import ConfigError, InputError, KernelError
 
 __all__ = [
     "DTYPE_SUFFIX",
@@ -67,10 +67,6 @@ KERNEL_NAMES: tuple[str, ...] = (
     "lora_tile_map",
     *(f"lora_{stage}_{v}" for v in _VARIANTS for stage in ("shrink", "expand")),
 )
-
-
-class KernelError(ChunkwiseError, RuntimeError):
-    """The CUDA kernels could not be compiled or loaded."""
 
 
 # ---- source and compilation --------------------------------------------------------------

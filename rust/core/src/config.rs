@@ -38,6 +38,9 @@ impl Default for SignalWeights {
     }
 }
 
+/// The default rank ladder: no adapter, then ranks 4 to 64 doubling.
+pub const DEFAULT_RUNGS: [u32; 6] = [0, 4, 8, 16, 32, 64];
+
 /// Everything the scheduler needs to turn signals into a plan. Build it, then call
 /// [`SchedulerConfig::validate`] (the planner does so too).
 #[derive(Debug, Clone, PartialEq)]
@@ -82,8 +85,15 @@ pub struct SchedulerConfig {
     pub probe_scale: f64,
 }
 
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self::with_rungs(DEFAULT_RUNGS.to_vec())
+    }
+}
+
 impl SchedulerConfig {
-    /// A config with the default ladder {0, 4, 8, 16, 32, 64} and defaults everywhere else.
+    /// A config with the given ladder and defaults everywhere else (`Default` uses
+    /// [`DEFAULT_RUNGS`]). These are the defaults Python reads: the one place they are written.
     pub fn with_rungs(rungs: Vec<u32>) -> Self {
         let m = rungs.len().max(1);
         let top = rungs.last().copied().unwrap_or(0);

@@ -11,7 +11,7 @@ pub mod error;
 pub mod segment;
 pub mod signals;
 
-pub use config::{RungMode, SchedulerConfig, SignalWeights};
+pub use config::{RungMode, SchedulerConfig, SignalWeights, DEFAULT_RUNGS};
 pub use error::{CoreError, Result};
 pub mod compose;
 pub mod decode;
@@ -19,4 +19,4 @@ pub mod kv;
 pub mod ladder;
 pub mod plan;
 
-pub use plan::{Plan, PlanInput, Planner};
+pub use plan::{Plan, PlanArray, PlanInput, Planner, PLAN_ARRAYS};

@@ -25,6 +25,35 @@ pub struct PlanInput<'a> {
     pub adapters: Option<&'a [i32]>,
 }
 
+/// Names of a [`Plan`]'s arrays, in the order [`Plan::into_named`] yields them; the Python
+/// `Plan` takes its field list from here.
+pub const PLAN_ARRAYS: [&str; 16] = [
+    "seq_offsets",
+    "difficulty",
+    "chunk_offsets",
+    "chunk_seq",
+    "chunk_rung",
+    "chunk_rank",
+    "chunk_difficulty",
+    "token_rank",
+    "token_lo",
+    "gate_lo",
+    "gate_hi",
+    "seg_offsets",
+    "seg_rank",
+    "seg_scale",
+    "seg_adapter",
+    "thresholds",
+];
+
+/// One array of a plan, by element type (what a binding needs to hand it over without copying).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanArray {
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
 /// Everything a layer or kernel needs, as flat arrays over the batch (see the architecture doc).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
@@ -41,6 +70,32 @@ pub struct Plan {
     pub gate_hi: Vec<f32>,
     pub segments: Segments,
     pub thresholds: Vec<f64>,
+}
+
+impl Plan {
+    /// The arrays with their names ([`PLAN_ARRAYS`], same order), moved out of the plan.
+    pub fn into_named(self) -> [(&'static str, PlanArray); 16] {
+        use PlanArray::{F32, F64, I32};
+        let n = PLAN_ARRAYS;
+        [
+            (n[0], I32(self.seq_offsets)),
+            (n[1], F32(self.difficulty)),
+            (n[2], I32(self.chunk_offsets)),
+            (n[3], I32(self.chunk_seq)),
+            (n[4], I32(self.chunk_rung)),
+            (n[5], I32(self.chunk_rank)),
+            (n[6], F32(self.chunk_difficulty)),
+            (n[7], I32(self.token_rank)),
+            (n[8], I32(self.token_lo)),
+            (n[9], F32(self.gate_lo)),
+            (n[10], F32(self.gate_hi)),
+            (n[11], I32(self.segments.offsets)),
+            (n[12], I32(self.segments.rank)),
+            (n[13], F32(self.segments.scale)),
+            (n[14], I32(self.segments.adapter)),
+            (n[15], F64(self.thresholds)),
+        ]
+    }
 }
 
 /// A validated config plus the optional unigram table: immutable, shareable across threads.

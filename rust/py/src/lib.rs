@@ -12,6 +12,7 @@ mod scheduler;
 mod signals;
 
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -22,5 +23,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(signals::entropy_from_logits, m)?)?;
     m.add_function(wrap_pyfunction!(signals::surprisal_from_logits, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "DEFAULT_RUNGS",
+        PyTuple::new(m.py(), chunkwise_core::DEFAULT_RUNGS)?,
+    )?;
+    m.add(
+        "PLAN_ARRAYS",
+        PyTuple::new(m.py(), chunkwise_core::PLAN_ARRAYS)?,
+    )?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chunkwise_core::difficulty::SignalArrays;
 use chunkwise_core::signals::RarityTable;
-use chunkwise_core::{Plan, PlanInput, Planner};
+use chunkwise_core::{Plan, PlanArray, PlanInput, Planner};
 use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -102,21 +102,12 @@ impl Scheduler {
 
 fn plan_to_dict(py: Python<'_>, p: Plan) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("seq_offsets", p.seq_offsets.into_pyarray(py))?;
-    d.set_item("difficulty", p.difficulty.into_pyarray(py))?;
-    d.set_item("chunk_offsets", p.chunk_offsets.into_pyarray(py))?;
-    d.set_item("chunk_seq", p.chunk_seq.into_pyarray(py))?;
-    d.set_item("chunk_rung", p.chunk_rung.into_pyarray(py))?;
-    d.set_item("chunk_rank", p.chunk_rank.into_pyarray(py))?;
-    d.set_item("chunk_difficulty", p.chunk_difficulty.into_pyarray(py))?;
-    d.set_item("token_rank", p.token_rank.into_pyarray(py))?;
-    d.set_item("token_lo", p.token_lo.into_pyarray(py))?;
-    d.set_item("gate_lo", p.gate_lo.into_pyarray(py))?;
-    d.set_item("gate_hi", p.gate_hi.into_pyarray(py))?;
-    d.set_item("seg_offsets", p.segments.offsets.into_pyarray(py))?;
-    d.set_item("seg_rank", p.segments.rank.into_pyarray(py))?;
-    d.set_item("seg_scale", p.segments.scale.into_pyarray(py))?;
-    d.set_item("seg_adapter", p.segments.adapter.into_pyarray(py))?;
-    d.set_item("thresholds", p.thresholds.into_pyarray(py))?;
+    for (name, array) in p.into_named() {
+        match array {
+            PlanArray::I32(v) => d.set_item(name, v.into_pyarray(py))?,
+            PlanArray::F32(v) => d.set_item(name, v.into_pyarray(py))?,
+            PlanArray::F64(v) => d.set_item(name, v.into_pyarray(py))?,
+        }
+    }
     Ok(d)
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .models import add_model_options, load_for_command
+from .loading import add_model_options, load_for_command
 
 __all__ = ["add_parser", "run"]
 
@@ -37,8 +37,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarking import measure, prefill_variants, random_adapter
-    from ..plotting import plot_bars
+    from ..eval.benchmarking import measure, prefill_variants, random_adapter
+    from ..eval.plotting import plot_bars
 
     for name in ("tokens", "batch", "rounds", "random_rank"):
         if getattr(args, name) < 1:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.adapter = random_adapter(base, args.random_rank, Path(tmp.name) / "random")
         del base
     if args.target_rank is None:
-        from ..ladder import RankLadder
+        from ..adapters.ladder import RankLadder
 
         args.target_rank = RankLadder.from_peft(args.adapter).max_rank / 2
     cwm, tok, clean = load_for_command(args, clean_copy=True)

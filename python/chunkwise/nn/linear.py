@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import kernels
-from .errors import StateError
-from .ladder import LadderModule
+from .. import kernels
+from ..adapters.ladder import LadderModule
+from ..errors import StateError
 from .token_plan import TokenPlan
 
 __all__ = ["ChunkwiseLinear", "linear_shape"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .models import add_model_options, load_for_command
+from .loading import add_model_options, load_for_command
 
 __all__ = ["add_parser", "run"]
 
@@ -48,7 +48,7 @@ def _text_ids(args: argparse.Namespace, tok: Any) -> Any:
         except OSError as e:
             raise InputError(f"--text: cannot read {args.text}: {e.strerror}", "text") from None
     else:
-        from ..corpora import split_by_article, wikipedia_articles
+        from ..assets.corpora import split_by_article, wikipedia_articles
 
         # the held-out split of scripts/train_adapter.py: never trained on
         _, held_out = split_by_article(wikipedia_articles("en"), "title", eval_fraction=0.2, seed=0)
@@ -60,7 +60,7 @@ def _text_ids(args: argparse.Namespace, tok: Any) -> Any:
 
 
 def _questions(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from ..corpora import parse_squad, squad_examples
+    from ..assets.corpora import parse_squad, squad_examples
 
     if args.squad_file is not None:
         try:
@@ -80,7 +80,7 @@ def _questions(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import MODES, perplexity, squad
+    from ..eval.evaluation import MODES, perplexity, squad
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]

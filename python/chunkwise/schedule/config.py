@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
-from . import _core
+from .. import _core
+from ..errors import ConfigError
 
-__all__ = ["SchedulerConfig", "DEFAULT_RUNGS"]
+__all__ = ["SchedulerConfig", "DEFAULT_RUNGS", "rungs_for"]
 
-DEFAULT_RUNGS: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
+#: The default rank ladder (the Rust core's ``DEFAULT_RUNGS``).
+DEFAULT_RUNGS: tuple[int, ...] = tuple(_core.DEFAULT_RUNGS)
+
+# Every default below is read from the Rust core, the one place they are written.
+_D = _core.Config.default()
+
+
+def rungs_for(max_rank: int) -> tuple[int, ...]:
+    """The default ladder for an adapter of rank ``max_rank``: 0 and ``max_rank / 2^k`` for
+    k = 4..0 (ranks below 1 dropped), e.g. 64 -> (0, 4, 8, 16, 32, 64), the default rungs."""
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ConfigError(f"max_rank: must be an integer >= 1, got {max_rank!r}", "max_rank")
+    return tuple(sorted({0} | {max_rank >> k for k in range(5)}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,52 +62,44 @@ class SchedulerConfig:
 
     rungs: Sequence[int] = DEFAULT_RUNGS
     rung_scales: Sequence[float] | None = None
-    mode: Literal["threshold", "quantile", "target"] = "threshold"
+    mode: Literal["threshold", "quantile", "target"] = _D.mode
     thresholds: Sequence[float] | None = None
     quantiles: Sequence[float] | None = None
     target_mean_rank: float | None = None
-    min_len: int = 16
-    max_len: int = 128
-    granularity: int = 8
-    chunk_penalty: float = 0.5
-    crossfade: int = 4
-    hysteresis: float = 0.05
-    budget_share: float = 1.0
+    min_len: int = _D.min_len
+    max_len: int = _D.max_len
+    granularity: int = _D.granularity
+    chunk_penalty: float = _D.chunk_penalty
+    crossfade: int = _D.crossfade
+    hysteresis: float = _D.hysteresis
+    budget_share: float = _D.budget_share
     budget_rank: int | None = None
     weights: Mapping[str, float] | None = None
-    ngram: int = 2
-    novelty_window: int = 256
-    ema: float = 0.3
-    position_tau: float = 64.0
-    probe_scale: float = 1.0
+    ngram: int = _D.ngram
+    novelty_window: int = _D.novelty_window
+    ema: float = _D.ema
+    position_tau: float = _D.position_tau
+    probe_scale: float = _D.probe_scale
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so the frozen config is hashable and comparable.
         for name in ("rungs", "rung_scales", "thresholds", "quantiles"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
+            if isinstance(value, Iterable) and not isinstance(value, (tuple, str, bytes)):
                 object.__setattr__(self, name, tuple(value))
         if self.weights is not None and not isinstance(self.weights, Mapping):
-            from .errors import ConfigError
-
             raise ConfigError(
                 f"weights: must be a mapping of signal name to weight, got {type(self.weights)}",
                 "weights",
             )
-        try:
-            core = _core.Config(**self._kwargs())
-        except (TypeError, OverflowError) as e:  # wrong Python type or out of int64, from PyO3
-            from .errors import ConfigError
-
-            text = " ".join([str(e), *getattr(e, "__notes__", [])])
-            m = re.search(r"(?:argument|processing) '(\w+)'", text)
-            param = m.group(1) if m else None
-            raise ConfigError(f"{param or 'config'}: {e}", param) from None
-        object.__setattr__(self, "_core_config", core)
+        for f in dataclasses.fields(self):  # the core reads None as "default": refuse it where
+            if f.default is not None and getattr(self, f.name) is None:  # the field is not optional
+                raise ConfigError(f"{f.name}: must not be None (default {f.default!r})", f.name)
+        # The bindings convert and validate every field and name the bad one themselves.
+        object.__setattr__(self, "_core_config", _core.Config(**self._kwargs()))
 
     def _kwargs(self) -> dict[str, object]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["rungs"] = list(self.rungs)
         if self.weights is not None:
             out["weights"] = dict(self.weights)
         return out

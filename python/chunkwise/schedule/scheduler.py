@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from .. import _core
+from ..errors import InputError
 from .config import SchedulerConfig
-from .errors import InputError
 from .plan import Plan
 
 __all__ = ["Scheduler", "DecodeBatch"]

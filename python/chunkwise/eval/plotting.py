@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChunkwiseError
+from ..errors import ChunkwiseError
 
 __all__ = ["plot_bars", "plot_plan"]
 

@@ -15,7 +15,7 @@ import string
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["causal_lm_nll", "exact_match", "f1", "normalize_answer", "squad_scores", "strided_perplexity"]
 

@@ -7,27 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import _core
+from ..errors import InputError
+
 __all__ = ["Plan", "PLAN_ARRAYS"]
 
-#: Names of the arrays of a plan, in the order the Rust core returns them.
-PLAN_ARRAYS: tuple[str, ...] = (
-    "seq_offsets",
-    "difficulty",
-    "chunk_offsets",
-    "chunk_seq",
-    "chunk_rung",
-    "chunk_rank",
-    "chunk_difficulty",
-    "token_rank",
-    "token_lo",
-    "gate_lo",
-    "gate_hi",
-    "seg_offsets",
-    "seg_rank",
-    "seg_scale",
-    "seg_adapter",
-    "thresholds",
-)
+#: Names of the arrays of a plan, in the order the Rust core returns them (its ``PLAN_ARRAYS``;
+#: the fields of :class:`Plan` below repeat them with their types, and a test ties the two).
+PLAN_ARRAYS: tuple[str, ...] = tuple(_core.PLAN_ARRAYS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,8 +93,6 @@ class Plan:
     def sequence(self, b: int) -> dict[str, Any]:
         """Views of sequence ``b``: its token range, chunks (local offsets) and ranks."""
         if not 0 <= b < self.n_seqs:
-            from .errors import InputError
-
             raise InputError(f"b: {b} is outside the batch of {self.n_seqs}", "b")
         lo, hi = int(self.seq_offsets[b]), int(self.seq_offsets[b + 1])
         sel = self.chunk_seq == b

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["AdapterBlock", "TokenPlan"]
 
@@ -79,7 +79,7 @@ class TokenPlan:
             )
         segments = None
         if torch.device(device).type == "cuda":
-            from .kernels import KernelSegments
+            from ..kernels import KernelSegments
 
             segments = KernelSegments.from_token_arrays(
                 token_rank, token_lo, gate_lo, gate_hi, scale, token_adapter, rows, n_rows, device

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..adapters.files import CONFIG_FILE, WEIGHTS_FILE
+
 __all__ = ["DEMO_RANK", "demo_adapter"]
 
 DEMO_RANK = 16
@@ -22,7 +24,7 @@ _BLOCK = 64
 def demo_adapter(model: Any, tokenizer: Any, text: str, cache: Path, progress: bool = True) -> Path:
     """The folder of the demo adapter for ``model`` (trained on ``text`` if not cached yet)."""
     folder = cache / f"demo-adapter-r{DEMO_RANK}-v2"  # v2: gentler training (lr 3e-4)
-    if (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file():
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
         return folder
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AdapterError, InputError
-from .ladder import RankLadder
-from .layers import ChunkwiseLinear, linear_shape
-from .plan import Plan
-from .scheduler import Scheduler
+from ..adapters.ladder import RankLadder
+from ..errors import AdapterError, InputError
+from ..schedule.plan import Plan
+from ..schedule.scheduler import Scheduler
+from .linear import ChunkwiseLinear, linear_shape
 from .token_plan import TokenPlan
 
 __all__ = ["ChunkwiseModel", "inject"]
@@ -78,17 +78,41 @@ def _check_ladder(model: nn.Module, ladder: RankLadder, modules: dict[str, nn.Mo
             )
 
 
+def _check_ladders(model: nn.Module, ladders: list[RankLadder]) -> None:
+    """Everything :func:`inject` refuses, checked before the model is touched."""
+    if not ladders:
+        raise AdapterError("ladders: give at least one ladder", "ladders")
+    modules = dict(model.named_modules())
+    if any(isinstance(m, ChunkwiseLinear) for m in modules.values()):
+        raise AdapterError("model: already has chunkwise layers; unload() them first", "model")
+    for lad in ladders:
+        _check_ladder(model, lad, modules)
+    if len(ladders) > 1 and any(lad.saved for lad in ladders):
+        raise AdapterError(
+            "ladders: an adapter with modules_to_save replaces whole modules for every sequence, so it "
+            "cannot share a batch with other adapters; inject it alone",
+            "modules_to_save",
+        )
+
+
 class ChunkwiseModel:
     """A model with ladders injected. Use :meth:`plan` / :meth:`run` / :meth:`top_rung` to choose
     ranks per forward; :meth:`unload` restores the original model."""
 
-    def __init__(self, model: nn.Module, ladders: Sequence[RankLadder], scheduler: Scheduler | None) -> None:
+    def __init__(
+        self, model: nn.Module, ladders: RankLadder | Sequence[RankLadder], scheduler: Scheduler | None = None
+    ) -> None:
+        """Checks every ladder against ``model``, then wraps the modules they adapt (the same as
+        :func:`inject`). Raises :class:`AdapterError`, model untouched, when one does not fit."""
+        ladders = [ladders] if isinstance(ladders, RankLadder) else list(ladders)
+        _check_ladders(model, ladders)
         self.model = model
-        self.ladders = list(ladders)
+        self.ladders = ladders
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         self._current: TokenPlan | None = None
         self._wrapped: dict[str, tuple[nn.Module, nn.Module]] = {}
         self._saved_params: dict[str, torch.Tensor] = {}
+        self._attach()
 
     # -- injection -------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -126,7 +150,8 @@ class ChunkwiseModel:
         return self.model
 
     # -- plans -----------------------------------------------------------------------------
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+    def device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the model's parameters (what plans are laid out in)."""
         p = next(self.model.parameters())
         return p.device, p.dtype
 
@@ -147,19 +172,20 @@ class ChunkwiseModel:
         adapters: Any | None = None,
     ) -> TokenPlan:
         """Lays ``plan`` over a [batch, seq] input (see :meth:`TokenPlan.from_plan`)."""
-        device, dtype = self._device_dtype()
-        ad = None if adapters is None else self._adapter_ids(adapters, input_ids.shape[0])
+        device, dtype = self.device_dtype()
+        ad = None if adapters is None else self.adapter_ids(adapters, input_ids.shape[0])
         return TokenPlan.from_plan(plan, attention_mask, tuple(input_ids.shape), ad, device, dtype)
 
     def top_rung(self, input_ids: torch.Tensor, adapters: Any | None = None) -> TokenPlan:
         """Every token at each module's full rank: reproduces PEFT's output."""
-        device, dtype = self._device_dtype()
+        device, dtype = self.device_dtype()
         b, t = input_ids.shape
-        ad = self._adapter_ids(adapters, b)
+        ad = self.adapter_ids(adapters, b)
         top = max(lad.max_rank for lad in self.ladders)
         return TokenPlan.uniform(b * t, top, np.repeat(ad, t), device, dtype)
 
-    def _adapter_ids(self, adapters: Any | None, batch: int) -> np.ndarray:
+    def adapter_ids(self, adapters: Any | None, batch: int) -> np.ndarray:
+        """``adapters`` (one id per sequence, default all 0) checked against the ladders: int32."""
         if adapters is None:
             return np.zeros(batch, np.int32)
         ad = np.asarray(adapters).reshape(-1)
@@ -186,7 +212,7 @@ class ChunkwiseModel:
         else:
             mask = attention_mask.detach().to("cpu").numpy().astype(bool)
             seqs = [row[m] for row, m in zip(ids, mask, strict=True)]
-        ad = self._adapter_ids(adapters, ids.shape[0])
+        ad = self.adapter_ids(adapters, ids.shape[0])
         return self.scheduler.plan(seqs, adapters=ad, **signals)
 
     def run(
@@ -213,20 +239,4 @@ def inject(
     Adapter i of a batch is ``ladders[i]``. Raises :class:`AdapterError` (model untouched) when a
     ladder does not fit the model.
     """
-    ladders = [ladders] if isinstance(ladders, RankLadder) else list(ladders)
-    if not ladders:
-        raise AdapterError("ladders: give at least one ladder", "ladders")
-    modules = dict(model.named_modules())
-    if any(isinstance(m, ChunkwiseLinear) for m in modules.values()):
-        raise AdapterError("model: already has chunkwise layers; unload() them first", "model")
-    for lad in ladders:
-        _check_ladder(model, lad, modules)
-    if len(ladders) > 1 and any(lad.saved for lad in ladders):
-        raise AdapterError(
-            "ladders: an adapter with modules_to_save replaces whole modules for every sequence, so it "
-            "cannot share a batch with other adapters; inject it alone",
-            "modules_to_save",
-        )
-    cw = ChunkwiseModel(model, ladders, scheduler)
-    cw._attach()
-    return cw
+    return ChunkwiseModel(model, ladders, scheduler)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraSettings, read_settings, read_weights, settings_from_dict
-from .errors import AdapterError
+from ..errors import AdapterError
+from .files import CONFIG_FILE, LADDER_FILE
+from .settings import LoraSettings, read_settings, settings_from_dict
+from .weights import read_weights
 
 __all__ = ["LadderModule", "RankLadder", "LADDER_FILE", "factor_update"]
 
-LADDER_FILE = "chunkwise_ladder.safetensors"
 _FORMAT = "chunkwise-ladder/1"
 
 
@@ -88,7 +89,7 @@ class RankLadder:
             a, b = factor_update(w.a, w.b, s)
             bias = None if w.bias is None else (s * w.bias.to(torch.float64)).to(dtype)
             modules[mod] = LadderModule(a.to(dtype), b.to(dtype), bias)
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         return cls(modules, settings, weights.saved, name or path.name, config)
 
     @property

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..terminal import add_color_option, paint, use_color
-from .models import add_model_options, load_for_command
+from .loading import add_model_options, load_for_command
+from .render import add_color_option, paint, use_color
 
 __all__ = ["add_parser", "run"]
 
@@ -66,8 +66,8 @@ def _prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..generation import stream
-    from ..injection import ChunkwiseModel
     from ..kv import KvPolicy
+    from ..nn.injection import ChunkwiseModel
 
     text = _prompt(args)
     if not text.strip():

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import LADDER_FILE
 from ..errors import AdapterError
 
 __all__ = ["add_parser", "run"]
@@ -17,7 +18,7 @@ def add_parser(sub: Any) -> None:
         "convert",
         help="turn a PEFT LoRA adapter into a rank ladder",
         description="Factor every adapted module's update s·B·A into nested SVD factors (float64) and "
-        "save them as chunkwise_ladder.safetensors, beside the adapter unless --out says otherwise. "
+        f"save them as {LADDER_FILE}, beside the adapter unless --out says otherwise. "
         "Later commands read the ladder instead of re-factoring.",
     )
     sp.add_argument("adapter", type=Path, help="PEFT adapter folder (adapter_config.json + weights)")
@@ -25,7 +26,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ladder import RankLadder
+    from ..adapters.ladder import RankLadder
 
     if not args.adapter.is_dir():
         raise AdapterError(f"adapter: {args.adapter} is not a folder", "adapter")

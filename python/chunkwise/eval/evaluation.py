@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SchedulerConfig
-from .errors import InputError
-from .injection import ChunkwiseModel
+from ..errors import InputError
+from ..nn.injection import ChunkwiseModel
+from ..schedule.config import SchedulerConfig
+from ..schedule.scheduler import Scheduler
 from .metrics import exact_match, f1, strided_perplexity
-from .scheduler import Scheduler
 
 __all__ = ["MODES", "ModeResult", "perplexity", "squad", "squad_prompt"]
 
@@ -152,7 +152,7 @@ def squad(
     """Greedy answers to SQuAD questions under ``mode``: EM and F1 in percent."""
     from tqdm.auto import tqdm
 
-    from .generation import generate
+    from ..generation import generate
 
     if not examples:
         raise InputError("examples: no questions to answer", "examples")

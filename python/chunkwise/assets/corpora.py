@@ -14,7 +14,7 @@ The sdist (358 MB) is fetched with ``python -m pip download --no-deps bigbench==
 prepares its metadata, which runs the sdist's ``setup.py egg_info`` in pip's build isolation)
 and kept in the cache; the two files are extracted once next to it, so later calls do no
 network or tar work. The cache is ``cache_dir``, else ``$CHUNKWISE_CACHE``, else
-``~/.cache/chunkwise`` (see :func:`chunkwise.models.cache_root`).
+``~/.cache/chunkwise`` (see :func:`chunkwise.assets.cache_root`).
 
 :func:`split_by_article` splits items into train / eval with no article on both sides.
 """
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from .errors import ChunkwiseError, InputError
+from ..errors import ChunkwiseError, InputError
+from .download import atomic_file, cache_root, pip_download
 
 __all__ = [
     "BIGBENCH_REQUIREMENT",
@@ -89,7 +90,6 @@ def extract_members(archive: str | os.PathLike[str], wanted: Mapping[str, Path])
     :class:`ChunkwiseError`. Reading stops once every wanted member is written. Raises
     :class:`ChunkwiseError` if the archive is unreadable or a wanted member is missing.
     """
-    from .models import _atomic_file
 
     archive = Path(archive)
     remaining = {PurePosixPath(k).as_posix(): Path(v) for k, v in wanted.items()}
@@ -112,7 +112,7 @@ def extract_members(archive: str | os.PathLike[str], wanted: Mapping[str, Path])
                 if src is None:  # pragma: no cover - isreg() members always have data
                     raise ChunkwiseError(f"cannot read {info.name!r} from {archive.name}")
                 dest = remaining.pop(rel)
-                with src, _atomic_file(dest) as out:
+                with src, atomic_file(dest) as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 done[rel] = dest
                 if not remaining:
@@ -143,7 +143,6 @@ def bigbench_files(
     downloads the sdist with pip first (``download=False`` raises instead). ``keep_sdist=False``
     deletes the 358 MB sdist after extraction.
     """
-    from .models import _pip_download, cache_root
 
     base = cache_root(cache_dir) / "bigbench"
     targets = {key: base / "extracted" / rel for key, rel in BIGBENCH_MEMBERS.items()}
@@ -157,7 +156,7 @@ def bigbench_files(
 
         base.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="sdist-", dir=base) as tmp:
-            got = _pip_download(
+            got = pip_download(
                 BIGBENCH_REQUIREMENT,
                 BIGBENCH_SDIST,
                 Path(tmp),
@@ -216,7 +215,7 @@ _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 _CYRILLIC = re.compile(r"[\u0400-\u04FF]")
 
 
-def _guess_language(text: str) -> str:
+def guess_language(text: str) -> str:
     """ISO 639-1 code of the most likely of the nine task languages (stop-word counts; Cyrillic
     script means Russian). Accurate on whole articles, not meant for short snippets."""
     sample = text[:4000]
@@ -270,7 +269,7 @@ def parse_paragraph_segmentation(task: Mapping[str, Any]) -> list[Article]:
         if not paragraphs:
             continue
         title = sentences[0].strip()[:200]
-        language = _BLOCK_LANGUAGES[i // 1000] if by_block else _guess_language(text)
+        language = _BLOCK_LANGUAGES[i // 1000] if by_block else guess_language(text)
         articles.append(Article(title=title, language=language, paragraphs=tuple(paragraphs)))
     return articles
 

