@@ -75,4 +75,4 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     """Puts the finder on ``sys.meta_path`` (once)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.append(_Finder())
+        sys.meta_path.insert(0, _Finder())  # before the path finder, which would load a copy

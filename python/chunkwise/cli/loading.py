@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapters.ladder import LADDER_FILE
+from ..adapters.files import LADDER_FILE
 from ..errors import AdapterError, InputError
 
 if TYPE_CHECKING:
