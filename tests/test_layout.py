@@ -13,10 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import chunkwise
 import numpy as np
 import pytest
-
-import chunkwise
 from chunkwise.compat import MOVED
 
 PACKAGE = Path(chunkwise.__file__).parent

@@ -229,10 +229,12 @@ class Generation:
             tok = _pick(logits, self.temperature, self.top_k, self.gen)
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
             ent, sur = torch_entropy_surprisal(logits, tok)
+            assert sur is not None  # token ids were given
             ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
             tok_np = tok.cpu().numpy().astype(np.int64)  # one host copy per step
             tp = None
             if decoder is not None:
+                assert self.cwm is not None and self.ad is not None  # a decoder needs both
                 decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
                 chunk_id += decoder.new_chunk.astype(np.uint64)
                 rank, difficulty = decoder.rank.copy(), decoder.difficulty.copy()

@@ -174,7 +174,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
     the model as GGUF-quantized, which blocks ``save_pretrained`` and makes PEFT treat it as
     quantized. Drop those marks."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     for attr in ("is_quantized", "quantization_method"):
         if attr in model.__dict__:
             delattr(model, attr)
@@ -262,6 +262,6 @@ def load_smollm2(
         except Exception as exc:  # the cache is an optimisation; never fail a load over it
             print(f"chunkwise: could not cache the converted model in {converted}: {exc}", file=sys.stderr)
     if dtype != torch.float32:
-        model = model.to(dtype)
+        model.to(dtype)  # type: ignore[arg-type]  # in place; transformers' wrapper hides the overloads
     model.eval()
     return model, tokenizer

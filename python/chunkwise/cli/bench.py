@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .loading import add_model_options, load_for_command
+from .loading import add_model_options, load_for_command, load_model
 
 __all__ = ["add_parser", "run"]
 
@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is None:
         # load the base once, make a random adapter for it, then load as with --adapter
         tmp = tempfile.TemporaryDirectory()
-        plain = argparse.Namespace(**{**vars(args), "adapter": None, "target_rank": None})
-        base, _, _ = load_for_command(plain)
+        base, _, _ = load_model(args.model)
         args.adapter = random_adapter(base, args.random_rank, Path(tmp.name) / "random")
         del base
     if args.target_rank is None:
@@ -58,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
         args.target_rank = RankLadder.from_peft(args.adapter).max_rank / 2
     cwm, tok, clean = load_for_command(args, clean_copy=True)
-    vocab = int(clean.config.vocab_size)
+    assert clean is not None  # asked for
+    config: Any = clean.config  # a transformers config
+    vocab = int(config.vocab_size)
     batch = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     variants = prefill_variants(clean, args.adapter, cwm, batch)
     results = measure(variants, args.rounds, batch.device)

@@ -161,7 +161,9 @@ def _measure(runners: dict[str, Callable[[], None]]) -> tuple[dict[str, float], 
             times[name].append(time.perf_counter() - t0)
     import torch
 
-    memory = {name: peak_memory_mb(fn, torch.device("cpu")) for name, fn in runners.items()}
+    memory: dict[str, float | None] = {
+        n: peak_memory_mb(fn, torch.device("cpu")) for n, fn in runners.items()
+    }
     return {name: min(t) for name, t in times.items()}, memory
 
 

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name}: must be >= 1, got {getattr(args, name)}", name)
     model, tok, _ = load_for_command(args)
-    data = _text_ids(args, tok) if args.task == "ppl" else _questions(args)
+    ids = _text_ids(args, tok) if args.task == "ppl" else None
+    questions = _questions(args) if args.task != "ppl" else []
     results = []
     adaptive_mean = None
     for mode in sorted(modes, key=lambda m: m != "adaptive"):  # adaptive first: uniform matches it
@@ -100,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError("--rank: the uniform mode needs --rank (or run adaptive too)", "rank")
             rank = max(1, round(adaptive_mean))
         common = dict(mode=mode, rank=rank, progress=not args.no_progress)
-        if args.task == "ppl":
-            r = perplexity(model, data, window=args.window, stride=args.stride, **common)
+        if ids is not None:
+            r = perplexity(model, ids, window=args.window, stride=args.stride, **common)
             line = f"ppl {r.ppl:.3f}"
         else:
-            r = squad(model, tok, data, **common)
+            r = squad(model, tok, questions, **common)
             line = f"EM {r.exact_match:.1f}  F1 {r.f1:.1f}"
         if mode == "adaptive":
             adaptive_mean = r.mean_rank

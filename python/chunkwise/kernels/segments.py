@@ -147,8 +147,8 @@ class KernelSegments:
         flt_dev = torch.from_numpy(
             np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in floats])
         ).to(device)
-        iv = int_dev.split([len(a) for a in ints])
-        fv = flt_dev.split([len(a) for a in floats])
+        iv = int_dev.split([len(np.asarray(a).reshape(-1)) for a in ints])
+        fv = flt_dev.split([len(np.asarray(a).reshape(-1)) for a in floats])
         return cls(iv[0], iv[1], fv[0], iv[2], iv[3], fv[1], fv[2], None if identity else iv[4], int(n_rows))
 
     @classmethod

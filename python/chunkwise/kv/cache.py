@@ -16,7 +16,7 @@ when they are padded).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class PolicyLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
@@ -88,11 +89,13 @@ class PolicyLayer(CacheLayerMixin):
         """Keeps slots ``index`` ([batch, S] per row) or the contiguous ``keep`` for all rows."""
         if not self.is_initialized:
             return
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
         if keep is not None:
             self.keys = self.keys[..., keep, :].contiguous()
             self.values = self.values[..., keep, :].contiguous()
             return
         b, h, _, d = self.keys.shape
+        assert index is not None  # one of index / keep is given
         idx = index.to(self.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
         self.keys = torch.gather(self.keys, 2, idx)
         self.values = torch.gather(self.values, 2, idx)
@@ -170,7 +173,7 @@ class PolicyCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == 0:
             self._begin_forward(key_states)
-        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        keys, values = self.policy_layer(layer_idx).update(key_states, value_states)
         _ACTIVE.entry = (self, layer_idx)
         if layer_idx == len(self.layers) - 1:
             self.peak_slots = max(self.peak_slots, keys.shape[-2])
@@ -203,10 +206,14 @@ class PolicyCache(Cache):
         self._scores_seen = True
 
     def _flush_scores(self) -> None:
-        if self._score_acc is not None:
+        if self._score_acc is not None and self.ledger is not None:
             scores = self._score_acc.to("cpu").numpy().reshape(-1)
             self.ledger.add_scores(np.ascontiguousarray(scores, dtype=np.float32))
             self._score_acc = None
+
+    def policy_layer(self, index: int) -> PolicyLayer:
+        """Layer ``index`` (every layer of this cache is a :class:`PolicyLayer`)."""
+        return cast(PolicyLayer, self.layers[index])
 
     # -- internals -------------------------------------------------------------------------
     def _bytes_per_token(self, key_states: torch.Tensor) -> int:
@@ -216,7 +223,7 @@ class PolicyCache(Cache):
     @property
     def bytes_per_token(self) -> int:
         """Bytes of keys + values one token takes over all layers (0 before the first forward)."""
-        keys = self.layers[0].keys
+        keys = self.policy_layer(0).keys
         return 0 if keys is None else self._bytes_per_token(keys)
 
     def _begin_forward(self, key_states: torch.Tensor) -> None:
@@ -243,8 +250,8 @@ class PolicyCache(Cache):
             first = keep[0]
             same = bool((keep == first).all()) and first[-1] - first[0] + 1 == len(first)
             contiguous = slice(int(first[0]), int(first[-1]) + 1) if same else None
-            for layer in self.layers:
-                layer.gather(None if same else index, contiguous)
+            for i in range(len(self.layers)):
+                self.policy_layer(i).gather(None if same else index, contiguous)
         diff, chunk = self._pending
         self._pending = (None, None)
         self.ledger.append(q, diff, chunk)

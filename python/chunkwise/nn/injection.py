@@ -174,7 +174,9 @@ class ChunkwiseModel:
         """Lays ``plan`` over a [batch, seq] input (see :meth:`TokenPlan.from_plan`)."""
         device, dtype = self.device_dtype()
         ad = None if adapters is None else self.adapter_ids(adapters, input_ids.shape[0])
-        return TokenPlan.from_plan(plan, attention_mask, tuple(input_ids.shape), ad, device, dtype)
+        return TokenPlan.from_plan(
+            plan, attention_mask, (int(input_ids.shape[0]), int(input_ids.shape[1])), ad, device, dtype
+        )
 
     def top_rung(self, input_ids: torch.Tensor, adapters: Any | None = None) -> TokenPlan:
         """Every token at each module's full rank: reproduces PEFT's output."""

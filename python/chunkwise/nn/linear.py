@@ -28,6 +28,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         w = module.weight
+        assert isinstance(w, torch.Tensor)
         return int(w.shape[0]), int(w.shape[1])
     return None
 
@@ -54,6 +55,7 @@ class ChunkwiseLinear(nn.Module):
     def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
         """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype)."""
         w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
         self.register_buffer(
             f"ladder_a_{adapter}", ladder.a.to(device=w.device, dtype=w.dtype), persistent=False
         )

@@ -38,6 +38,7 @@ def next_token_signals(model: nn.Module, input_ids: torch.Tensor) -> tuple[np.nd
     with torch.inference_mode():
         logits = model(input_ids=ids).logits
     ent, sur = torch_entropy_surprisal(logits[:, :-1], ids[:, 1:])
+    assert sur is not None  # token ids were given
     zero = np.zeros(1, np.float32)
     return (
         np.concatenate([zero, ent[0].float().cpu().numpy()]).astype(np.float32),

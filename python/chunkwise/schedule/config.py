@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from .. import _core
 from ..errors import ConfigError
@@ -98,7 +98,7 @@ class SchedulerConfig:
         # The bindings convert and validate every field and name the bad one themselves.
         object.__setattr__(self, "_core_config", _core.Config(**self._kwargs()))
 
-    def _kwargs(self) -> dict[str, object]:
+    def _kwargs(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if self.weights is not None:
             out["weights"] = dict(self.weights)
