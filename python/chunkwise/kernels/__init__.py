@@ -14,6 +14,7 @@ from __future__ import annotations
 from .cuda import (
     DTYPE_SUFFIX,
     ENV_VAR,
+    KERNEL_CONSTANTS,
     KERNEL_NAMES,
     TILE_M,
     KernelError,
@@ -24,6 +25,7 @@ from .cuda import (
     cuda_kernels_available,
     cuda_unavailable_reason,
     kernel_backend,
+    kernel_defines,
     kernel_source,
     lora_delta_cuda,
     nvrtc_compile,
@@ -35,6 +37,7 @@ from .segments import DecodeSegments, KernelSegments, check_segments
 __all__ = [
     "DTYPE_SUFFIX",
     "ENV_VAR",
+    "KERNEL_CONSTANTS",
     "KERNEL_NAMES",
     "TILE_M",
     "DecodeSegments",
@@ -48,6 +51,7 @@ __all__ = [
     "cuda_kernels_available",
     "cuda_unavailable_reason",
     "kernel_backend",
+    "kernel_defines",
     "kernel_source",
     "lora_delta_cuda",
     "lora_delta_reference",

@@ -33,7 +33,9 @@ __all__ = [
     "DTYPE_SUFFIX",
     "ENV_VAR",
     "KERNEL_NAMES",
+    "KERNEL_CONSTANTS",
     "TILE_M",
+    "kernel_defines",
     "KernelError",
     "Launch",
     "LoraFactors",
@@ -52,12 +54,21 @@ __all__ = [
 
 SOURCE_NAME = "segmented_lora.cu"
 ENV_VAR = "CHUNKWISE_KERNELS"
-#: Tokens per block; passed to the source as -DLORA_TILE_M so the grid sizes here agree.
-TILE_M = 32
-_THREADS = 128  # lora::THREADS
-_MAP_THREADS = 1024  # lora::MAP_THREADS
-_SHRINK_KC = 64  # lora::SHRINK_KC
-_EXPAND_TN = 64  # lora::EXPAND_TN
+#: The kernels' launch geometry, written only here: each is passed to NVRTC (and to the CPU
+#: emulator) as ``-DLORA_<NAME>=value`` and the grids below are computed from the same numbers.
+KERNEL_CONSTANTS: dict[str, int] = {
+    "TILE_M": 32,  # tokens per block of shrink / expand (16, 32 or 64)
+    "THREADS": 128,  # threads per block of shrink / expand
+    "SHRINK_KC": 64,  # input features per shared-memory chunk of the shrink
+    "EXPAND_TN": 64,  # output features per block of the expand
+    "MAP_THREADS": 1024,  # threads of the one-block lora_tile_map
+}
+#: Tokens per block (``KERNEL_CONSTANTS["TILE_M"]``).
+TILE_M = KERNEL_CONSTANTS["TILE_M"]
+_THREADS = KERNEL_CONSTANTS["THREADS"]
+_MAP_THREADS = KERNEL_CONSTANTS["MAP_THREADS"]
+_SHRINK_KC = KERNEL_CONSTANTS["SHRINK_KC"]
+_EXPAND_TN = KERNEL_CONSTANTS["EXPAND_TN"]
 
 #: Kernel-name suffix of each supported dtype (x, y and the factors share it).
 DTYPE_SUFFIX: dict[torch.dtype, str] = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -97,10 +108,16 @@ def cuda_include_dirs() -> list[str]:
     return out
 
 
+def kernel_defines() -> tuple[str, ...]:
+    """``-DLORA_<NAME>=value`` for every entry of :data:`KERNEL_CONSTANTS` (the source refuses
+    to compile without them)."""
+    return tuple(f"-DLORA_{name}={value}" for name, value in KERNEL_CONSTANTS.items())
+
+
 def compile_options(include_dirs: Sequence[str] | None = None) -> tuple[str, ...]:
     """NVRTC options of the source (without the architecture)."""
     dirs = cuda_include_dirs() if include_dirs is None else list(include_dirs)
-    return ("-std=c++17", f"-DLORA_TILE_M={TILE_M}", *(f"-I{d}" for d in dirs))
+    return ("-std=c++17", *kernel_defines(), *(f"-I{d}" for d in dirs))
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,11 @@
 // Vectorised loads (vec != 0): x, A' as 16-byte vectors; the host sets vec only when in, the
 // row stride of x and every pointer are multiples of 16 bytes.
 
-#ifndef LORA_TILE_M
-#define LORA_TILE_M 32
+// The launch geometry the host also computes grids from: chunkwise.kernels.KERNEL_CONSTANTS is
+// its one source and passes each as -DLORA_<NAME> (compile_options / kernel_defines).
+#if !defined(LORA_TILE_M) || !defined(LORA_THREADS) || !defined(LORA_SHRINK_KC) || \
+    !defined(LORA_EXPAND_TN) || !defined(LORA_MAP_THREADS)
+#error "compile with chunkwise.kernels.compile_options(): it defines LORA_TILE_M, LORA_THREADS, ..."
 #endif
 
 #if defined(LORA_EMULATE)
@@ -61,16 +64,19 @@
 
 namespace lora {
 
-constexpr int TILE_M = LORA_TILE_M;  // tokens per block (rows of one tile)
-constexpr int THREADS = 128;         // threads per block of shrink and expand
+constexpr int TILE_M = LORA_TILE_M;            // tokens per block (rows of one tile)
+constexpr int THREADS = LORA_THREADS;          // threads per block of shrink and expand
 constexpr int WARPS = THREADS / 32;
-constexpr int SHRINK_KC = 64;        // input features per shared-memory chunk
-constexpr int SHRINK_RN = 64;        // rank directions per pass (more: another pass over x)
-constexpr int EXPAND_TN = 64;        // output features per block
-constexpr int EXPAND_KR = 32;        // rank directions per shared-memory chunk
-constexpr int MAP_THREADS = 1024;    // threads of lora_tile_map
+constexpr int SHRINK_KC = LORA_SHRINK_KC;      // input features per shared-memory chunk
+constexpr int SHRINK_RN = 64;                  // rank directions per pass (more: another pass over x)
+constexpr int EXPAND_TN = LORA_EXPAND_TN;      // output features per block
+constexpr int EXPAND_KR = 32;                  // rank directions per shared-memory chunk
+constexpr int MAP_THREADS = LORA_MAP_THREADS;  // threads of lora_tile_map
 
 static_assert(TILE_M == 16 || TILE_M == 32 || TILE_M == 64, "LORA_TILE_M must be 16, 32 or 64");
+static_assert(THREADS == 128, "the tile shapes below assume 128 threads per block");
+static_assert(SHRINK_KC % 16 == 0 && EXPAND_TN % 16 == 0, "chunks of whole 16-byte vectors");
+static_assert(MAP_THREADS >= 32 && MAP_THREADS <= 1024, "lora_tile_map runs one block");
 
 // ---- element types -----------------------------------------------------------------------
 
