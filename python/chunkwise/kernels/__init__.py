@@ -1,4 +1,4 @@
-"""Segmented LoRA kernels (issue 4): every adapter at every rank in one launch per stage.
+"""Segmented LoRA kernels: every adapter at every rank in one launch per stage.
 
 For each kernel segment s of a plan (adapter a, rank r = min(seg_rank[s], R_a), scale c) and
 each of its tokens t: ``y[t] += c · B'_a[:, :r] · (g_t ⊙ (A'_a[:r] · x[t]))`` with

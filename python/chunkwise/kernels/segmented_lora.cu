@@ -1,4 +1,4 @@
-// Segmented LoRA kernels of chunkwise (issue 4): one launch applies every adapter at every rank.
+// Segmented LoRA kernels of chunkwise: one launch applies every adapter at every rank.
 //
 // What they compute. A batch of N planned tokens is cut into S kernel segments (the
 // scheduler's plan: seg_offsets int32 [S+1], seg_rank int32 [S], seg_scale float32 [S],

@@ -36,8 +36,10 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 class ChunkwiseLinear(nn.Module):
     """A linear layer whose LoRA rank follows the current :class:`TokenPlan`.
 
-    ``factors[i]`` is the ladder of adapter i for this layer (absent: adapter i does not adapt
-    it). ``plan_source`` returns the plan of the forward in progress; with no plan the layer
+    :meth:`add_ladder` gives it adapter i's factors for this layer, kept as the non-persistent
+    buffers ``ladder_a_i`` [R, in], ``ladder_b_i`` [out, R] and ``ladder_bias_i`` (lora_B's bias
+    or None), so ``.to()`` moves them with the model; an adapter without them does not adapt this
+    layer. ``plan_source`` returns the plan of the forward in progress; with no plan the layer
     behaves like its base layer.
     """
 
