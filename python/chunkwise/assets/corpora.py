@@ -156,13 +156,9 @@ def bigbench_files(
 
         base.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="sdist-", dir=base) as tmp:
+            sdist_bytes = _BIGBENCH_SDIST_BYTES
             got = pip_download(
-                BIGBENCH_REQUIREMENT,
-                BIGBENCH_SDIST,
-                Path(tmp),
-                expected_bytes=_BIGBENCH_SDIST_BYTES,
-                extra_args=("--no-binary", ":all:"),
-                progress=progress,
+                BIGBENCH_REQUIREMENT, BIGBENCH_SDIST, Path(tmp), expected_bytes=sdist_bytes, progress=progress
             )
             os.replace(got, sdist)
     extract_members(sdist, {BIGBENCH_MEMBERS[key]: path for key, path in targets.items()})

@@ -109,8 +109,10 @@ def _pip_failure_reason(log: str) -> str:
     return "pip failed"
 
 
-def _pip_command(requirement: str, dest_dir: Path, extra_args: tuple[str, ...]) -> list[str]:
-    """``python -m pip download --no-deps`` of the running interpreter, quiet and non-interactive."""
+def _pip_command(requirement: str, filename: str, dest_dir: Path) -> list[str]:
+    """``python -m pip download --no-deps`` of the running interpreter, quiet and non-interactive,
+    for the kind of file ``filename`` is: a wheel (``--only-binary``) or an sdist (``--no-binary``)."""
+    kind = "--only-binary" if filename.endswith(".whl") else "--no-binary"
     return [
         sys.executable,
         "-m",
@@ -123,7 +125,8 @@ def _pip_command(requirement: str, dest_dir: Path, extra_args: tuple[str, ...]) 
         "off",
         "--retries",
         "2",
-        *extra_args,
+        kind,
+        ":all:",
         "-d",
         str(dest_dir),
         requirement,
@@ -199,11 +202,11 @@ def pip_download(
     dest_dir: Path,
     *,
     expected_bytes: int | None = None,
-    extra_args: tuple[str, ...] = (),
     progress: bool = True,
 ) -> Path:
     """Run ``python -m pip download --no-deps <requirement> -d dest_dir`` and return the path of
-    ``filename`` in ``dest_dir``. Shows a tqdm bar fed by the size of pip's partial download
+    ``filename`` in ``dest_dir`` (a ``.whl`` is fetched as a wheel only, anything else as an sdist
+    only). Shows a tqdm bar fed by the size of pip's partial download
     (pip downloads into ``$TMPDIR/pip-unpack-*``, which we point inside ``dest_dir``).
 
     Raises :class:`ChunkwiseError` when pip is missing, the network is down, or pip fails.
@@ -221,7 +224,7 @@ def pip_download(
     bar = _progress_bar(requirement, expected_bytes) if progress else None
     watcher = _SizeWatcher(bar, (pip_tmp, dest_dir), filename, requirement, expected_bytes)
     try:
-        rc = _run_logged(_pip_command(requirement, dest_dir, extra_args), env, log_path, watcher)
+        rc = _run_logged(_pip_command(requirement, filename, dest_dir), env, log_path, watcher)
     finally:
         if bar is not None:
             bar.close()

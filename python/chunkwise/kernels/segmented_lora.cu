@@ -113,36 +113,34 @@ struct HStore<T, true> {
 
 // ---- tensor-core step: D[16x8] += A[16x16] · B[16x8], fp32 accumulators -----------------
 
+// One m16n8k16 step for element type PTX ("f16" / "bf16"): the PTX instruction, the CPU
+// emulator's warp-collective version of it, or nothing where tensor cores are missing.
+#if defined(LORA_EMULATE)
+#define LORA_MMA_STEP(PTX, BF16) lora_emu_mma(c, a, b, BF16);
+#elif LORA_HAS_MMA
+#define LORA_MMA_STEP(PTX, BF16)                                                               \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 "                  \
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                     \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                             \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+#define LORA_MMA_STEP(PTX, BF16)
+#endif
+
 template <typename T>
 struct Mma;
 
 template <>
 struct Mma<__half> {
     static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-#if defined(LORA_EMULATE)
-        lora_emu_mma(c, a, b, false);
-#elif LORA_HAS_MMA
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
+        LORA_MMA_STEP("f16", false)
     }
 };
 
 template <>
 struct Mma<__nv_bfloat16> {
     static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-#if defined(LORA_EMULATE)
-        lora_emu_mma(c, a, b, true);
-#elif LORA_HAS_MMA
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
+        LORA_MMA_STEP("bf16", true)
     }
 };
 
