@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .errors import InputError
@@ -112,7 +113,7 @@ class Generation:
         max_new_tokens: int,
         policy: KvPolicy | None,
         prefill_chunk: int | None,
-        adapters: Any | None,
+        adapters: npt.ArrayLike | None,
         eos_token_id: int | None,
         pad_token_id: int,
         temperature: float,
@@ -272,7 +273,7 @@ def stream(
     max_new_tokens: int = 64,
     policy: KvPolicy | None = None,
     prefill_chunk: int | None = 512,
-    adapters: Any | None = None,
+    adapters: npt.ArrayLike | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     temperature: float = 0.0,

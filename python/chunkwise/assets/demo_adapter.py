@@ -21,7 +21,9 @@ _STEPS = 30
 _BLOCK = 64
 
 
-def demo_adapter(model: Any, tokenizer: Any, text: str, cache: Path, progress: bool = True) -> Path:
+def demo_adapter(
+    model: torch.nn.Module, tokenizer: Any, text: str, cache: Path, progress: bool = True
+) -> Path:
     """The folder of the demo adapter for ``model`` (trained on ``text`` if not cached yet)."""
     folder = cache / f"demo-adapter-r{DEMO_RANK}-v2"  # v2: gentler training (lr 3e-4)
     if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import InputError
 from ..nn.injection import ChunkwiseModel
@@ -96,7 +97,7 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 
 
 def perplexity(
-    model: Any,
+    model: ChunkwiseModel | nn.Module,
     ids: torch.Tensor,
     mode: str = "adaptive",
     rank: float | None = None,
@@ -141,7 +142,7 @@ def squad_prompt(tokenizer: Any, context: str, question: str) -> str:
 
 
 def squad(
-    model: Any,
+    model: ChunkwiseModel | nn.Module,
     tokenizer: Any,
     examples: Sequence[dict[str, Any]],
     mode: str = "adaptive",

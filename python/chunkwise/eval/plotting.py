@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ChunkwiseError
+from ..schedule import Plan
 
 __all__ = ["plot_bars", "plot_plan"]
 
@@ -23,7 +24,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_plan(plan: Any, path: Path, title: str = "") -> Path:
+def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
     """Difficulty per token (line) and the rank each token runs at (steps), one sequence."""
     plt = _pyplot()
     n = int(plan.seq_offsets[1])

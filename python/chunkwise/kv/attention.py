@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .cache import PolicyCache, active_cache
@@ -57,7 +57,7 @@ AttentionMaskInterface.register(SCORING_ATTENTION, eager_mask)
 
 
 @contextlib.contextmanager
-def track_attention(model: Any) -> Iterator[None]:
+def track_attention(model: PreTrainedModel) -> Iterator[None]:
     """Runs ``model`` with :func:`scoring_attention` inside the block (restored afterwards)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(SCORING_ATTENTION)

@@ -19,6 +19,7 @@ import threading
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -180,14 +181,14 @@ class PolicyCache(Cache):
         return keys, values
 
     # -- what a generation loop tells it ---------------------------------------------------
-    def set_difficulty(self, difficulty: Any, chunk: Any | None = None) -> None:
+    def set_difficulty(self, difficulty: npt.ArrayLike, chunk: npt.ArrayLike | None = None) -> None:
         """Difficulty in [0, 1] (and optional chunk ids) of the tokens of the next forward,
         [batch, n] or flat row-major."""
         d = np.ascontiguousarray(np.asarray(difficulty, dtype=np.float32).reshape(-1))
         c = None if chunk is None else np.ascontiguousarray(np.asarray(chunk, dtype=np.uint64).reshape(-1))
         self._pending = (d, c)
 
-    def revise_difficulty(self, difficulty: Any) -> None:
+    def revise_difficulty(self, difficulty: npt.ArrayLike) -> None:
         """Overwrites the difficulty of each sequence's newest ``n`` slots ([batch, n] in
         [0, 1]): a prefill chunk learns its tokens' difficulty only from its own logits."""
         if self.ledger is None:

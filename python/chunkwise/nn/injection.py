@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -169,7 +170,7 @@ class ChunkwiseModel:
         plan: Plan,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        adapters: Any | None = None,
+        adapters: npt.ArrayLike | None = None,
     ) -> TokenPlan:
         """Lays ``plan`` over a [batch, seq] input (see :meth:`TokenPlan.from_plan`)."""
         device, dtype = self.device_dtype()
@@ -178,7 +179,7 @@ class ChunkwiseModel:
             plan, attention_mask, (int(input_ids.shape[0]), int(input_ids.shape[1])), ad, device, dtype
         )
 
-    def top_rung(self, input_ids: torch.Tensor, adapters: Any | None = None) -> TokenPlan:
+    def top_rung(self, input_ids: torch.Tensor, adapters: npt.ArrayLike | None = None) -> TokenPlan:
         """Every token at each module's full rank: reproduces PEFT's output."""
         device, dtype = self.device_dtype()
         b, t = input_ids.shape
@@ -186,7 +187,7 @@ class ChunkwiseModel:
         top = max(lad.max_rank for lad in self.ladders)
         return TokenPlan.uniform(b * t, top, np.repeat(ad, t), device, dtype)
 
-    def adapter_ids(self, adapters: Any | None, batch: int) -> np.ndarray:
+    def adapter_ids(self, adapters: npt.ArrayLike | None, batch: int) -> np.ndarray:
         """``adapters`` (one id per sequence, default all 0) checked against the ladders: int32."""
         if adapters is None:
             return np.zeros(batch, np.int32)
@@ -203,7 +204,7 @@ class ChunkwiseModel:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        adapters: Any | None = None,
+        adapters: npt.ArrayLike | None = None,
         **signals: Any,
     ) -> Plan:
         """Plans a [batch, seq] input with the scheduler, from its token ids (and any per-token
@@ -222,7 +223,7 @@ class ChunkwiseModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         plan: Plan | None = None,
-        adapters: Any | None = None,
+        adapters: npt.ArrayLike | None = None,
         **kwargs: Any,
     ) -> Any:
         """One forward of the model under ``plan`` (default: planned from the inputs)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import _core
 from ..errors import InputError
+
+if TYPE_CHECKING:  # the scheduler runs without torch; only to_torch needs it
+    import torch
 
 __all__ = ["Plan", "PLAN_ARRAYS"]
 
@@ -106,7 +109,7 @@ class Plan:
             "token_rank": self.token_rank[lo:hi],
         }
 
-    def to_torch(self, device: Any = "cpu") -> dict[str, Any]:
+    def to_torch(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The kernel metadata as torch tensors on ``device`` (one copy to the device)."""
         import torch
 

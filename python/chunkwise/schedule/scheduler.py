@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _core
 from ..errors import InputError
@@ -162,7 +163,7 @@ class Scheduler:
         arrays = self._core.plan(ids, lens, **kwargs)
         return Plan.from_core(arrays, tuple(self.config.rungs))
 
-    def decoder(self, batch_size: int = 1, thresholds: Any | None = None) -> _core.DecodeBatch:
+    def decoder(self, batch_size: int = 1, thresholds: npt.ArrayLike | None = None) -> _core.DecodeBatch:
         """Streaming decode state for ``batch_size`` sequences.
 
         ``thresholds`` default to the config's; pass ``plan.thresholds`` to decode with the
