@@ -236,3 +236,35 @@ def test_scheduler_config_defaults_are_the_cores():
         assert getattr(cfg, f.name) == (tuple(want) if isinstance(want, list) else want), f.name
     assert cfg.core.weights == core.weights
     assert chunkwise.DEFAULT_RUNGS == tuple(_core.DEFAULT_RUNGS) == cfg.rungs
+
+
+def test_module_level_imports_have_no_cycle():
+    """The graph of module-level imports between chunkwise modules is acyclic (lazy imports inside
+    functions are how a lower part may reach a higher one at run time, never at import)."""
+    names = {module for module, _ in modules()}
+    graph: dict[str, set[str]] = {module: set() for module in names}
+    for module, path in modules():
+        for target, imported, _, top in imports(module, path):
+            if not top or target == "torch":
+                continue
+            for dep in _resolve(target, imported):
+                dep = dep if dep in names else target  # `from pkg import name` of a non-module
+                if dep in names and dep != module and not module.startswith(dep + "."):
+                    graph[module].add(dep)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
