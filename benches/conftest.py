@@ -7,17 +7,12 @@ deselected), and prints targets and speedups at the end of the run (reported, ne
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-# `import reference` from the benchmark modules and from tests/test_reference_agreement.py.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class Timings:

@@ -7,7 +7,7 @@
 #
 # Installs the newest target/wheels/chunkwise-*.whl into /tmp/site (no dependencies, no index),
 # runs tests/test_kernels.py with the GPU tests required (a missing device fails instead of
-# skipping), then benches/gpu_timing.py. Logs, JUnit XML and JSON timings go to OUT_DIR; the
+# skipping), then python -m benches.gpu_timing. Logs, JUnit XML and JSON timings go to OUT_DIR; the
 # exit status is the tests', else the timing's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,8 +51,8 @@ CHUNKWISE_REQUIRE_GPU=1 "$PY" -m pytest tests/test_kernels.py -q -rs -p no:cache
     --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 rc_tests=${PIPESTATUS[0]}
 
-echo "== benches/gpu_timing.py"
-"$PY" benches/gpu_timing.py --out "$OUT_DIR/gpu_timing.json" 2>&1 | tee "$OUT_DIR/gpu_timing.log"
+echo "== python -m benches.gpu_timing"
+"$PY" -m benches.gpu_timing --out "$OUT_DIR/gpu_timing.json" 2>&1 | tee "$OUT_DIR/gpu_timing.log"
 rc_timing=${PIPESTATUS[0]}
 set -e
 

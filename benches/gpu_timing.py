@@ -1,4 +1,5 @@
-"""Timings of the segmented LoRA kernels on a CUDA device (run by benches/gpu_suite.sh).
+"""Timings of the segmented LoRA kernels on a CUDA device (run by benches/gpu_suite.sh as
+``python -m benches.gpu_timing``, from the repository root).
 
 For each size (tokens x hidden, dtype) on a prefill-like batch (2 adapters of max rank 64,
 segments of 16-128 tokens on the ladder 0/4/8/16/32/64, ramps at rank changes):

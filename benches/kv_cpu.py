@@ -1,8 +1,10 @@
 """KV-cache policies on SmolLM2-135M (CPU): perplexity of a long held-out stream, peak memory and
 decode latency at the end of it, per policy, each measured in its own process.
 
-    python benches/kv_cpu.py                       # 8192 tokens, budget 2048, all policies
-    python benches/kv_cpu.py --tokens 2048 --budget 512 --json kv.json
+    python -m benches.kv_cpu                       # 8192 tokens, budget 2048, all policies
+    python -m benches.kv_cpu --tokens 2048 --budget 512 --json kv.json
+
+(from the repository root: the script imports ``benches.prefill_cpu``).
 
 For each policy a fresh worker process loads the model, streams ``--tokens`` tokens of held-out
 Wikipedia text through a :class:`chunkwise.kv.PolicyCache` in chunks of ``--chunk`` tokens
@@ -31,10 +33,10 @@ import torch
 from chunkwise.assets.smollm2 import load_smollm2
 from chunkwise.kv import KvPolicy, PolicyCache, track_attention
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prefill_cpu import held_out_ids  # noqa: E402
+from benches.prefill_cpu import held_out_ids
 
 POLICIES = ("full", "window", "sinks", "h2o", "difficulty")
+ROOT = Path(__file__).resolve().parent.parent  # the workers run as `python -m benches.kv_cpu` from here
 
 
 def peak_rss_mb() -> float:
@@ -126,10 +128,10 @@ def main() -> None:
         return
     rows = []
     for kind in args.policies.split(","):
-        cmd = [sys.executable, __file__, "--worker", kind] + [
+        cmd = [sys.executable, "-m", "benches.kv_cpu", "--worker", kind] + [
             f"--{k}={getattr(args, k)}" for k in ("tokens", "budget", "slack", "chunk", "decode", "threads")
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"... {kind} done", file=sys.stderr)
     full = next((r for r in rows if r["policy"] == "full"), rows[0])

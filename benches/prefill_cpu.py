@@ -1,8 +1,8 @@
 """CPU prefill on SmolLM2-135M with an r=64 all-linear LoRA: base, merged, PEFT unmerged and
 chunkwise side by side in one run, with perplexity next to the times.
 
-    python benches/prefill_cpu.py                        # random r=64 adapter (timing only)
-    python benches/prefill_cpu.py --adapter adapters/smollm2-wiki-r64   # trained adapter
+    python -m benches.prefill_cpu                        # random r=64 adapter (timing only)
+    python -m benches.prefill_cpu --adapter adapters/smollm2-wiki-r64   # trained adapter
 
 Timing: every variant runs once per round, rounds interleaved, median over rounds (this machine
 is noisy; ratios from one run are what we report). Perplexity: held-out text, windows of

@@ -2,8 +2,8 @@
 
 base, merged, PEFT unmerged, chunkwise at mean rank ~50 % (target mode) and chunkwise at the top
 rung, on the same 512 held-out tokens, in one session. Ratios against PEFT land in the summary
-(target: chunkwise <= 0.85x PEFT, reported, not asserted). `benches/prefill_cpu.py` runs the
-same comparison interleaved and adds perplexity; use it for the figures in notes.
+(target: chunkwise <= 0.85x PEFT, reported, not asserted). `python -m benches.prefill_cpu` runs
+the same comparison interleaved and adds perplexity; use it for the figures in notes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def prefill() -> dict[str, Any]:
     from chunkwise.assets.smollm2 import load_smollm2
     from chunkwise.eval.benchmarking import random_adapter
     from peft import PeftModel
-    from prefill_cpu import held_out_ids
+
+    from benches.prefill_cpu import held_out_ids
 
     base, tok = load_smollm2()
     adapter = random_adapter(base, 64, Path(tempfile.mkdtemp()))

@@ -1,4 +1,4 @@
-"""Benchmarks of the Rust scheduler against the numpy reference (``benches/reference.py``).
+"""Benchmarks of the Rust scheduler against the numpy reference (``tests/oracles/scheduler.py``).
 
 Run with ``pytest benches/ --benchmark-only``. Every benchmark checks its result and records its
 median; the reference benchmarks put ``speedup = reference / Rust`` into ``extra_info``.
@@ -13,7 +13,8 @@ from typing import Any
 import chunkwise
 import numpy as np
 import pytest
-from reference import PLAN_KEYS, ReferenceDecoder, reference_plan
+
+from tests.oracles.scheduler import PLAN_KEYS, ReferenceDecoder, reference_plan
 
 B, T, VOCAB = 8, 4096, 32000
 MODES = ("threshold", "quantile", "target")

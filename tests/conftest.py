@@ -20,7 +20,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """A tiny local model folder with a tokenizer and a PEFT adapter (see cli_model.py)."""
-    from cli_model import build_model_dir
+    """A tiny local model folder with a tokenizer and a PEFT adapter (see tests/support/cli_model.py)."""
+    from tests.support.cli_model import build_model_dir
 
     return build_model_dir(tmp_path_factory.mktemp("tiny-llama"))

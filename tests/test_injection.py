@@ -13,7 +13,9 @@ from chunkwise import AdapterError, InputError, RankLadder, StateError
 from chunkwise.adapters.ladder import LadderModule
 from chunkwise.nn.linear import ChunkwiseLinear
 from chunkwise.nn.token_plan import TokenPlan
-from peft_helpers import (
+from torch import nn
+
+from tests.support.peft_helpers import (
     all_top_scheduler,
     assert_matches,
     assert_unchanged,
@@ -25,7 +27,6 @@ from peft_helpers import (
     tiny_model,
     top_rung_logits,
 )
-from torch import nn
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),

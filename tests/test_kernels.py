@@ -2,7 +2,7 @@
 
 Without a GPU: the source ships in the package and compiles with NVRTC for sm_80 / sm_90 (every
 dtype), the float64 reference agrees with a dense per-token oracle over dtypes x ranks x segment
-layouts, and the kernels themselves run in a CPU emulator (tests/kernel_emu/emu.cpp: the real
+layouts, and the kernels themselves run in a CPU emulator (tests/oracles/kernel_emu/emu.cpp: the real
 source, threads as fibers, the tensor-core step rebuilt from the PTX fragment layout) and agree
 with the reference. With a GPU (``-m gpu``): the CuPy launches agree with the reference on the
 same grid, on a side stream and replayed from a CUDA graph.
@@ -20,7 +20,8 @@ import torch
 from chunkwise import ConfigError, InputError
 from chunkwise import kernels as K
 from chunkwise.kernels.cuda import plan_launches
-from kernel_cases import (
+
+from tests.support.kernel_cases import (
     DELTA_TOL,
     DTYPES,
     LAYOUTS,
@@ -283,7 +284,7 @@ def test_cuda_path_refuses_cpu_tensors():
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    from kernel_emulator import Emulator
+    from tests.oracles.kernel_emulator import Emulator
 
     try:
         return Emulator(tmp_path_factory.mktemp("lora_emu"))

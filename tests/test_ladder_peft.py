@@ -16,7 +16,8 @@ import torch
 from chunkwise import AdapterError, RankLadder
 from chunkwise.adapters.ladder import LADDER_FILE, LadderModule, factor_update
 from chunkwise.nn.token_plan import TokenPlan
-from peft_helpers import (
+
+from tests.support.peft_helpers import (
     ATTN_TARGETS,
     all_top_scheduler,
     assert_matches,

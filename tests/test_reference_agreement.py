@@ -1,4 +1,4 @@
-"""The Rust scheduler core agrees with the numpy reference in ``benches/reference.py``.
+"""The Rust scheduler core agrees with the numpy reference in ``tests/oracles/scheduler.py``.
 
 Random ragged batches and random configurations (all three rung modes, with and without a budget,
 every signal present or absent, an optional unigram table, rung scales other than 1, quantised
@@ -22,8 +22,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import chunkwise
@@ -32,9 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
-
-from reference import (  # noqa: E402
+from tests.oracles.scheduler import (
     PLAN_KEYS,
     ReferenceDecoder,
     dp_cost,

@@ -1,4 +1,4 @@
-"""Builds tests/kernel_emu/emu.cpp (the CPU emulator of segmented_lora.cu) and runs the launches
+"""Builds tests/oracles/kernel_emu/emu.cpp (the CPU emulator of segmented_lora.cu) and runs the launches
 that :func:`chunkwise.kernels.cuda.plan_launches` plans, on CPU tensors."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Emulator:
         out = build_dir / "lora_emu.so"
         cmd = [
             cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-            "-Wno-unused-function", f"-I{src_dir}", "-DLORA_EMULATE", f"-DLORA_TILE_M={kernels.TILE_M}",
+            "-Wno-unused-function", f"-I{src_dir}", "-DLORA_EMULATE", *kernels.kernel_defines(),
             str(EMU_CPP), "-o", str(out),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)

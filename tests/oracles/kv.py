@@ -1,7 +1,7 @@
 """Oracle for evicting KV caches: replays a cached decode as one full forward whose 4-D mask
 lets each decode query see exactly the columns the cache held for it.
 
-A plain module (not a conftest): the KV tests import it by name.
+A plain module (not a conftest): the KV tests import it as ``tests.oracles.kv``.
 """
 
 from __future__ import annotations

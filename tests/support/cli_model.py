@@ -1,18 +1,22 @@
 """A tiny local model folder for the command-line tests: random Llama weights, a word-level
 tokenizer built here (no hub), and a PEFT adapter in ``adapter/``.
 
-A plain module (not a conftest): ``conftest.py`` builds it once per session as the ``model_dir`` fixture.
+A plain module (not a conftest): ``tests/conftest.py`` builds it once per session as the ``model_dir``
+fixture.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from peft_helpers import VOCAB, make_adapter, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from tests.support.peft_helpers import VOCAB, make_adapter, tiny_model
+
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+#: 300 words of the tiny model's vocabulary (the text of the eval and plan tests).
+TEXT = " ".join(WORDS[(i * 7) % 50] for i in range(300))
 
 
 def build_model_dir(folder: Path) -> Path:

@@ -1,7 +1,9 @@
-"""Shared helpers for the PEFT / ladder / injection tests: tiny random models and adapters.
+"""Shared helpers for the PEFT / ladder / injection / KV / generation tests: tiny random models and
+adapters, and their inputs.
 
-A plain module (not a conftest): the tests import it by name. Everything is built locally from
-transformers configs (no hub access), in float32, in eval mode, from fixed seeds.
+A plain module (not a conftest): the tests import it as ``tests.support.peft_helpers``. Everything
+is built locally from transformers configs (no hub access), in float32, in eval mode, from fixed
+seeds.
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ def load_peft(base: nn.Module, path: Path) -> nn.Module:
 def ids_batch(batch: int = 2, seq: int = 11, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def ragged_prompt(batch: int = 3, seq: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row b has ``2 * b`` padding columns (row 0 none)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(batch):
+        mask[b, : 2 * b] = 0
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,1 @@
+"""Helpers shared by several test modules (and the benchmarks): plain modules, not tests."""
