@@ -189,11 +189,13 @@ def torch_padded_call(per_token, factors: LoraFactors, xs, ys, device, dtype) ->
             if r == 0:
                 continue
             xs_ = x2 if block.rows is None else x2.index_select(0, block.rows)
-            h = (xs_ @ a[:r].T).mul_(block.gates[:, :r])
+            h = xs_ @ a[:r].T
+            if block.gates is not None:
+                h.mul_(block.gates[:, :r])
             if block.rows is None:
-                y2.addmm_(h, b[:, :r].T)
+                y2.addmm_(h, b[:, :r].T, alpha=block.scale)
             else:
-                y2.index_add_(0, block.rows, h @ b[:, :r].T)
+                y2.index_add_(0, block.rows, h @ b[:, :r].T, alpha=block.scale)
 
     return run
 

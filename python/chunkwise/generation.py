@@ -28,7 +28,7 @@ import torch
 
 from .errors import InputError
 from .kv import KvPolicy, PolicyCache, left_padding, track_attention
-from .nn import ChunkwiseModel, TokenPlan, torch_entropy_surprisal
+from .nn import ChunkwiseModel, DecodePlan, TokenPlan, torch_entropy_surprisal
 
 __all__ = ["Generation", "GenerationResult", "Step", "generate", "stream"]
 
@@ -223,6 +223,11 @@ class Generation:
 
     def _decode(self, logits: torch.Tensor) -> Iterator[Step]:
         decoder = self.cwm.scheduler.decoder(self.batch, self.thresholds) if self.cwm is not None else None
+        dplan = None
+        if self.cwm is not None and self.ad is not None:
+            device, dtype = self.cwm.device_dtype()
+            top = max(lad.max_rank for lad in self.cwm.ladders)
+            dplan = DecodePlan(self.ad, top, device, dtype)  # buffers allocated once
         done = np.zeros(self.batch, bool)
         chunk_id = np.zeros(self.batch, np.uint64)
         mask, pos = self.mask, self.positions[:, -1:]
@@ -235,23 +240,11 @@ class Generation:
             tok_np = tok.cpu().numpy().astype(np.int64)  # one host copy per step
             tp = None
             if decoder is not None:
-                assert self.cwm is not None and self.ad is not None  # a decoder needs both
                 decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
                 chunk_id += decoder.new_chunk.astype(np.uint64)
                 rank, difficulty = decoder.rank.copy(), decoder.difficulty.copy()
-                device, dtype = self.cwm.device_dtype()
-                tp = TokenPlan.build(
-                    decoder.rank,
-                    decoder.lo,
-                    decoder.gate_lo,
-                    decoder.gate_hi,
-                    decoder.scale,
-                    self.ad,
-                    np.arange(self.batch),
-                    self.batch,
-                    device,
-                    dtype,
-                )
+                assert dplan is not None
+                tp = dplan.update(decoder)
             else:
                 rank, difficulty = np.full(self.batch, -1, np.int32), ent_np.astype(np.float32)
             if self.eos is not None:

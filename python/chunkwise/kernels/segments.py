@@ -4,14 +4,15 @@ device once per forward (prefill) or written in place every step (decode)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..errors import InputError
 
-__all__ = ["DecodeSegments", "KernelSegments", "check_segments"]
+__all__ = ["DecodeSegments", "KernelSegments", "StepDecisions", "check_segments"]
 
 _INT = ("seg_offsets", "seg_rank", "seg_adapter", "token_lo")
 _FLOAT = ("seg_scale", "gate_lo", "gate_hi")
@@ -79,6 +80,16 @@ def check_segments(
             raise InputError(f"rows: must be distinct rows in [0, {limit})", "rows")
         out["rows"] = r
     return out
+
+
+class StepDecisions(Protocol):
+    """What a decode step decided per sequence (a :class:`chunkwise.DecodeBatch` has these)."""
+
+    rank: np.ndarray
+    lo: np.ndarray
+    gate_lo: np.ndarray
+    gate_hi: np.ndarray
+    scale: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +264,7 @@ class DecodeSegments:
             raise InputError(f"adapters: need {self.batch_size} integer ids", "adapters")
         return a.astype(np.int32)
 
-    def update(self, decoder: Any, adapters: Any | None = None) -> None:
+    def update(self, decoder: StepDecisions, adapters: npt.ArrayLike | None = None) -> None:
         """Copies a step's ``rank, lo, gate_lo, gate_hi, scale`` (a ``DecodeBatch`` or anything
         with those arrays) to the device."""
         for i, name in ((0, "rank"), (1, "lo")):

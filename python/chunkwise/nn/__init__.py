@@ -8,12 +8,13 @@ May import: ``chunkwise.schedule``, ``chunkwise.adapters``, ``chunkwise.kernels`
 from .injection import ChunkwiseModel, inject
 from .linear import ChunkwiseLinear, linear_shape
 from .signals import next_token_signals, torch_entropy_surprisal
-from .token_plan import AdapterBlock, TokenPlan
+from .token_plan import AdapterBlock, DecodePlan, TokenPlan
 
 __all__ = [
     "AdapterBlock",
     "ChunkwiseLinear",
     "ChunkwiseModel",
+    "DecodePlan",
     "TokenPlan",
     "inject",
     "linear_shape",

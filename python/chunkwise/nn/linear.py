@@ -17,7 +17,7 @@ from torch import nn
 from .. import kernels
 from ..adapters.ladder import LadderModule
 from ..errors import StateError
-from .token_plan import TokenPlan
+from .token_plan import AdapterBlock, TokenPlan
 
 __all__ = ["ChunkwiseLinear", "linear_shape"]
 
@@ -33,6 +33,24 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+class _Factors:
+    """One adapter's factors of one layer as plain attributes, with their rank-prefix views
+    cached per rank: the hot path makes no ``nn.Module`` attribute lookup and no slice."""
+
+    __slots__ = ("a", "b", "bias", "rank", "views")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, rank: int) -> None:
+        self.a, self.b, self.bias, self.rank = a, b, bias, rank
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prefix(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A'[:r]ᵀ, B'[:, :r]ᵀ)``: what the shrink and the expand multiply by."""
+        v = self.views.get(r)
+        if v is None:
+            v = self.views[r] = (self.a[:r].T, self.b[:, :r].T)
+        return v
+
+
 class ChunkwiseLinear(nn.Module):
     """A linear layer whose LoRA rank follows the current :class:`TokenPlan`.
 
@@ -41,6 +59,10 @@ class ChunkwiseLinear(nn.Module):
     or None), so ``.to()`` moves them with the model; an adapter without them does not adapt this
     layer. ``plan_source`` returns the plan of the forward in progress; with no plan the layer
     behaves like its base layer.
+
+    Per adapter block of the plan the torch path costs two matmuls (``addmm`` into the base
+    output) when the block needs no gates, one multiply more when it does, and a gather and a
+    scatter only when the block's rows are not consecutive.
     """
 
     def __init__(self, base_layer: nn.Module, plan_source: Callable[[], TokenPlan | None]) -> None:
@@ -51,28 +73,36 @@ class ChunkwiseLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = shape
         self._plan_source = plan_source
-        self._ranks: dict[int, int] = {}
+        self._lad: dict[int, _Factors] = {}
         self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
 
     def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
         """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype)."""
         w = self.base_layer.weight
         assert isinstance(w, torch.Tensor)
-        self.register_buffer(
-            f"ladder_a_{adapter}", ladder.a.to(device=w.device, dtype=w.dtype), persistent=False
-        )
-        self.register_buffer(
-            f"ladder_b_{adapter}", ladder.b.to(device=w.device, dtype=w.dtype), persistent=False
-        )
+        a = ladder.a.to(device=w.device, dtype=w.dtype)
+        b = ladder.b.to(device=w.device, dtype=w.dtype)
         bias = None if ladder.bias is None else ladder.bias.to(device=w.device, dtype=w.dtype)
+        self.register_buffer(f"ladder_a_{adapter}", a, persistent=False)
+        self.register_buffer(f"ladder_b_{adapter}", b, persistent=False)
         self.register_buffer(f"ladder_bias_{adapter}", bias, persistent=False)
-        self._ranks[adapter] = ladder.rank
+        self._lad[adapter] = _Factors(a, b, bias, ladder.rank)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to()`` / ``.half()`` / ...: the buffers move, and the plain references follow."""
+        out = super()._apply(fn, recurse)
+        buffers = dict(self.named_buffers(recurse=False))
+        for i, lad in self._lad.items():
+            self._lad[i] = _Factors(
+                buffers[f"ladder_a_{i}"], buffers[f"ladder_b_{i}"], buffers.get(f"ladder_bias_{i}"), lad.rank
+            )
+        self._factors = None
+        return out
 
     def _lora_factors(self) -> kernels.LoraFactors:
         """The ladders as the CUDA kernels read them; rebuilt when a buffer moved (.to())."""
         pairs = [
-            (getattr(self, f"ladder_a_{i}"), getattr(self, f"ladder_b_{i}")) if i in self._ranks else None
-            for i in range(max(self._ranks) + 1)
+            (self._lad[i].a, self._lad[i].b) if i in self._lad else None for i in range(max(self._lad) + 1)
         ]
         key = tuple(t.data_ptr() for p in pairs if p is not None for t in p)
         if self._factors is None or self._factors[0] != key:
@@ -82,7 +112,7 @@ class ChunkwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         plan = self._plan_source()
-        if plan is None or not self._ranks:
+        if plan is None or not self._lad:
             return y
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] != plan.n_tokens:
@@ -92,48 +122,61 @@ class ChunkwiseLinear(nn.Module):
                 "plan",
             )
         y2 = y.view(-1, self.out_features)
-        if (
-            plan.segments is not None
-            and kernels.use_cuda_kernels(x2)
-            and x2.dtype == y2.dtype == self.base_layer.weight.dtype
-        ):
-            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            kernels.lora_delta_cuda(x2, y2, self._lora_factors(), **plan.segments.kwargs())
-            for block in plan.blocks:  # lora_B biases (lora_bias=True) apply at every rung
-                bias = getattr(self, f"ladder_bias_{block.adapter}") if block.adapter in self._ranks else None
-                if bias is None:
-                    continue
-                if block.rows is None:
-                    y2.add_(bias)
-                else:
-                    y2.index_add_(0, block.rows, bias.expand(len(block.rows), -1))
+        if plan.segments is not None and kernels.use_cuda_kernels(x2) and x2.dtype == y2.dtype:
+            self._cuda_delta(x2, y2, plan)
             return y
+        if x2.dtype != y2.dtype:
+            x2 = x2.to(y2.dtype)
         for block in plan.blocks:
-            full = self._ranks.get(block.adapter)
-            if full is None:
-                continue
-            r = min(block.max_rank, full)
-            xs = x2 if block.rows is None else x2.index_select(0, block.rows)
-            bias = getattr(self, f"ladder_bias_{block.adapter}")
-            if r > 0:
-                a = getattr(self, f"ladder_a_{block.adapter}")[:r]
-                b = getattr(self, f"ladder_b_{block.adapter}")[:, :r]
-                h = (xs.to(a.dtype) @ a.T).mul_(block.gates[:, :r].to(a.dtype))
-                if block.rows is None:
-                    y2.addmm_(h.to(y2.dtype), b.T.to(y2.dtype))
-                    if bias is not None:
-                        y2.add_(bias)
-                    continue
-                out = h @ b.T
-            else:
-                out = torch.zeros(xs.shape[0], self.out_features, device=y.device, dtype=y.dtype)
-            if bias is not None:
-                out = out + bias
-            if block.rows is None:
-                y2.add_(out.to(y2.dtype))
-            else:
-                y2.index_add_(0, block.rows, out.to(y2.dtype))
+            lad = self._lad.get(block.adapter)
+            if lad is not None:
+                self._block_delta(x2, y2, block, lad)
         return y
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={dict(sorted(self._ranks.items()))}"
+    @staticmethod
+    def _block_delta(x2: torch.Tensor, y2: torch.Tensor, block: AdapterBlock, lad: _Factors) -> None:
+        """``y2[rows] += ((x2[rows] A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ (+ bias)`` for one adapter block."""
+        r = min(block.max_rank, lad.rank)
+        if block.span is not None:
+            xs, ys = x2[block.span[0] : block.span[1]], y2[block.span[0] : block.span[1]]
+        elif block.rows is None:
+            xs, ys = x2, y2
+        else:
+            xs, ys = x2.index_select(0, block.rows), None
+        if r > 0:
+            a_t, b_t = lad.prefix(r)
+            h = xs @ a_t
+            if block.gates is not None:
+                h.mul_(block.gates if block.gates.shape[1] == r else block.gates[:, :r])
+            if ys is not None:
+                ys.addmm_(h, b_t, alpha=block.scale)
+            else:
+                assert block.rows is not None
+                out = torch.mm(h, b_t)
+                if block.scale != 1.0:
+                    out.mul_(block.scale)
+                if lad.bias is not None:
+                    out.add_(lad.bias)
+                y2.index_add_(0, block.rows, out)
+                return
+        if lad.bias is None:
+            return
+        if ys is not None:
+            ys.add_(lad.bias)
+        else:
+            assert block.rows is not None
+            y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))
+
+    def _cuda_delta(self, x2: torch.Tensor, y2: torch.Tensor, plan: TokenPlan) -> None:
+        """The fused kernels: every adapter block at once, then the lora_B biases."""
+        assert plan.segments is not None
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        kernels.lora_delta_cuda(x2, y2, self._lora_factors(), **plan.segments.kwargs())
+        for block in plan.blocks:  # lora_B biases (lora_bias=True) apply at every rung
+            lad = self._lad.get(block.adapter)
+            if lad is None or lad.bias is None:
+                continue
+            if block.rows is None:
+                y2.add_(lad.bias)
+            else:
+                y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))

@@ -1,37 +1,93 @@
-"""A plan laid onto the tokens of one forward pass: per-adapter gate matrices.
+"""A plan laid onto the tokens of one forward pass: the tokens of each adapter and their gates.
 
 The scheduler's :class:`~chunkwise.Plan` is ragged (real tokens only); a forward pass sees a
-padded [batch, seq] grid. :class:`TokenPlan` maps one onto the other once per forward and turns
-each token's rank, cross-fade band and rung scale into one row of a gate matrix
-``G[t, j] = scale_t · (gate_lo_t if j < lo_t else gate_hi_t if j < rank_t else 0)``, so every
-:class:`~chunkwise.layers.ChunkwiseLinear` applies its ladder as ``((x A'ᵀ) ⊙ G) B'ᵀ``: two
-matmuls and one multiply per adapter, no per-token Python and no gather when one adapter covers
-the batch. (On CPU this beats rank-grouped gathers: the LoRA matmuls are a small share of the
-layer, the extra passes over x are not. The CUDA kernels skip the zero columns instead.)
+padded [batch, seq] grid. :class:`TokenPlan` maps one onto the other once per forward, so that
+every :class:`~chunkwise.nn.ChunkwiseLinear` of the model does only tensor work: for each
+adapter block, ``y[rows] += ((x[rows] A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ`` with the gate matrix
+``G[t, j] = scale_t · (gate_lo_t if j < lo_t else gate_hi_t if j < rank_t else 0)`` built here,
+once, in the layers' dtype. Everything a layer would otherwise redo per module is settled here:
+
+- which rows each adapter owns, as a contiguous ``span`` (a view, no gather or scatter) when
+  they are consecutive — one sequence per adapter without padding, or any decode step — else
+  as an index tensor;
+- ``gates`` is None when every token of the block runs the same rank at gate 1 and the same
+  scale (no cross-fade inside): the layer then needs two matmuls and nothing else;
+- the largest rank any token of the block uses, so layers read only that prefix.
+
+On CPU this beats rank-grouped gathers: the LoRA matmuls are a small share of the layer, the
+extra passes over x are not. The CUDA kernels skip the zero columns instead.
+
+:class:`DecodePlan` is the same for decode steps, with every buffer allocated once: each step
+rewrites the gates in place (the CPU twin of :class:`~chunkwise.kernels.DecodeSegments`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..kernels.segments import DecodeSegments, StepDecisions
 
-__all__ = ["AdapterBlock", "TokenPlan"]
+if TYPE_CHECKING:
+    from ..kernels import KernelSegments
+    from ..schedule import Plan
+
+__all__ = ["AdapterBlock", "DecodePlan", "TokenPlan"]
 
 
 @dataclasses.dataclass
 class AdapterBlock:
-    """The tokens of one adapter: ``rows`` of the flattened input (None: every row, in order),
-    their gate matrix ``gates`` [n, max_rank] and the largest rank any of them uses."""
+    """The tokens of one adapter in one forward.
+
+    ``rows``: their rows of the flattened input (None: every row, in order); ``span``: the same
+    rows as ``(start, stop)`` when they are consecutive; ``gates`` [n, max_rank] (None: every
+    token at ``max_rank``, gate 1, times ``scale``); ``max_rank``: the largest rank any of them
+    uses.
+    """
 
     adapter: int
     rows: torch.Tensor | None
-    gates: torch.Tensor
+    gates: torch.Tensor | None
     max_rank: int
+    span: tuple[int, int] | None = None
+    scale: float = 1.0
+
+
+def _span(rows: np.ndarray) -> tuple[int, int] | None:
+    """``(first, last + 1)`` when ``rows`` are consecutive increasing integers, else None."""
+    if rows.size == 0:
+        return None
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 == rows.size and (rows.size == 1 or bool((np.diff(rows) == 1).all())):
+        return first, last + 1
+    return None
+
+
+def _gate_matrix(
+    rank: np.ndarray, lo: np.ndarray, gate_lo: np.ndarray, gate_hi: np.ndarray, scale: np.ndarray, r_max: int
+) -> np.ndarray:
+    """``G[t, j]`` of the module docstring for j < r_max (float32)."""
+    j = np.arange(r_max)[None, :]
+    band = np.where(j < lo[:, None], gate_lo[:, None], gate_hi[:, None])
+    return (np.where(j < rank[:, None], band, 0.0) * scale[:, None]).astype(np.float32)
+
+
+def _uniform(
+    rank: np.ndarray, lo: np.ndarray, gate_lo: np.ndarray, gate_hi: np.ndarray, scale: np.ndarray
+) -> float | None:
+    """The common scale when every token runs one rank with all its gates 1 and one scale (no
+    cross-fade among them), else None."""
+    if rank.size == 0:
+        return 1.0
+    r, s = rank[0], scale[0]
+    ones = ((lo <= 0) | (gate_lo == 1.0)) & ((lo >= rank) | (gate_hi == 1.0))
+    if bool((rank == r).all()) and bool((scale == s).all()) and bool(ones.all()):
+        return float(s)
+    return None
 
 
 @dataclasses.dataclass
@@ -41,7 +97,7 @@ class TokenPlan:
     n_tokens: int
     blocks: list[AdapterBlock]
     #: The same plan as kernel segments on the device (CUDA devices only; see chunkwise.kernels).
-    segments: Any = None
+    segments: KernelSegments | DecodeSegments | None = None
 
     @classmethod
     def build(
@@ -54,7 +110,7 @@ class TokenPlan:
         token_adapter: np.ndarray,
         rows: np.ndarray,
         n_rows: int,
-        device: Any = "cpu",
+        device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> TokenPlan:
         """Builds the blocks. ``rows[i]`` is the row of planned token i in the flattened forward
@@ -63,18 +119,24 @@ class TokenPlan:
         blocks = []
         for adapter in np.unique(token_adapter):
             sel = token_adapter == adapter
-            rank = token_rank[sel].astype(np.int64)
+            rank, lo = token_rank[sel].astype(np.int64), token_lo[sel]
+            g_lo, g_hi, sc = gate_lo[sel], gate_hi[sel], scale[sel]
             r_max = int(rank.max()) if rank.size else 0
-            j = np.arange(r_max)[None, :]
-            band = np.where(j < token_lo[sel][:, None], gate_lo[sel][:, None], gate_hi[sel][:, None])
-            gates = np.where(j < rank[:, None], band, 0.0) * scale[sel][:, None]
+            common = _uniform(rank, lo, g_lo, g_hi, sc)
+            gates = None
+            if common is None:
+                g = _gate_matrix(rank, lo, g_lo, g_hi, sc, r_max)
+                gates = torch.from_numpy(g).to(device=device, dtype=dtype)
+            mine = rows[sel]
             everyone = full and bool(sel.all())
             blocks.append(
                 AdapterBlock(
                     int(adapter),
-                    None if everyone else torch.from_numpy(rows[sel].astype(np.int64)).to(device),
-                    torch.from_numpy(np.ascontiguousarray(gates)).to(device=device, dtype=dtype),
+                    None if everyone else torch.from_numpy(mine.astype(np.int64)).to(device),
+                    gates,
                     r_max,
+                    None if everyone else _span(mine),
+                    1.0 if common is None else common,
                 )
             )
         segments = None
@@ -89,11 +151,11 @@ class TokenPlan:
     @classmethod
     def from_plan(
         cls,
-        plan: Any,
+        plan: Plan,
         attention_mask: torch.Tensor | None,
         shape: tuple[int, int],
         adapters: np.ndarray | None = None,
-        device: Any = "cpu",
+        device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> TokenPlan:
         """Lays a scheduler plan over a [batch, seq] forward. With ``attention_mask`` the plan's
@@ -139,9 +201,81 @@ class TokenPlan:
 
     @classmethod
     def uniform(
-        cls, n_rows: int, rank: int, adapters_per_row: np.ndarray, device: Any, dtype: torch.dtype
+        cls,
+        n_rows: int,
+        rank: int,
+        adapters_per_row: np.ndarray,
+        device: str | torch.device,
+        dtype: torch.dtype,
     ) -> TokenPlan:
         """Every row at one rank (e.g. the top rung: what PEFT computes)."""
         ones = np.ones(n_rows, np.float32)
         r = np.full(n_rows, rank, np.int32)
         return cls.build(r, r, ones, ones, ones, adapters_per_row, np.arange(n_rows), n_rows, device, dtype)
+
+
+class DecodePlan:
+    """The :class:`TokenPlan` of decode steps (row i = sequence i), reused for every step.
+
+    The adapter blocks (which rows each adapter owns) are fixed for the whole generation and
+    the gate matrix [batch, top rank] is allocated once; :meth:`update` writes a step's
+    decisions into it in place and sets each block's rank, gates view and scale. On CUDA the
+    host matrix is copied to the device buffer in one copy, so a captured graph could replay.
+    """
+
+    def __init__(
+        self, adapters: np.ndarray, top_rank: int, device: str | torch.device, dtype: torch.dtype
+    ) -> None:
+        self.adapters = np.asarray(adapters, np.int32).reshape(-1)
+        self.batch = len(self.adapters)
+        self.top_rank = int(top_rank)
+        self._host = np.zeros((self.batch, self.top_rank), np.float32)
+        self._j = np.arange(self.top_rank)[None, :]
+        self._dev = torch.zeros((self.batch, self.top_rank), device=device, dtype=dtype)
+        self._shares_memory = torch.device(device).type == "cpu" and dtype == torch.float32
+        if self._shares_memory:
+            self._dev = torch.from_numpy(self._host)
+        self._groups: list[tuple[int, np.ndarray, tuple[int, int] | None, torch.Tensor | None]] = []
+        blocks = []
+        for adapter in np.unique(self.adapters):
+            rows = np.flatnonzero(self.adapters == adapter)
+            span = _span(rows)
+            everyone = len(rows) == self.batch
+            index = None if everyone else torch.from_numpy(rows.astype(np.int64)).to(device)
+            self._groups.append((int(adapter), rows, None if everyone else span, index))
+            blocks.append(AdapterBlock(int(adapter), index, None, 0, None if everyone else span))
+        self.plan = TokenPlan(self.batch, blocks)
+        if torch.device(device).type == "cuda":  # the kernels read fixed buffers too
+            self.plan.segments = DecodeSegments(self.batch, self.adapters, device)
+
+    def update(self, step: StepDecisions) -> TokenPlan:
+        """The plan of the next forward, from the decisions of this step (no allocation of
+        device memory; one host-to-device copy off the CPU)."""
+        if isinstance(self.plan.segments, DecodeSegments):
+            self.plan.segments.update(step)
+        rank = np.asarray(step.rank)
+        lo, g_lo, g_hi, sc = (np.asarray(a) for a in (step.lo, step.gate_lo, step.gate_hi, step.scale))
+        uniform = [
+            _uniform(rank[rows], lo[rows], g_lo[rows], g_hi[rows], sc[rows]) for _, rows, _, _ in self._groups
+        ]
+        if any(u is None for u in uniform):
+            j = self._j
+            band = np.where(j < lo[:, None], g_lo[:, None], g_hi[:, None])
+            np.multiply(np.where(j < rank[:, None], band, 0.0), sc[:, None], out=self._host)
+            if not self._shares_memory:
+                self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
+        for block, (_, rows, span, index), common in zip(
+            self.plan.blocks, self._groups, uniform, strict=True
+        ):
+            r = int(rank[rows].max()) if rows.size else 0
+            block.max_rank, block.scale = r, 1.0 if common is None else common
+            if common is not None:
+                block.gates = None
+            elif index is None:
+                block.gates = self._dev[:, :r]
+            elif span is not None:
+                block.gates = self._dev[span[0] : span[1], :r]
+            else:
+                assert index is not None  # rows neither all nor consecutive
+                block.gates = self._dev.index_select(0, index)[:, :r]
+        return self.plan

@@ -1,0 +1,147 @@
+"""TokenPlan / DecodePlan and the ChunkwiseLinear paths they select, against a float64 oracle.
+
+The oracle applies the gate formula of docs/architecture.md §4 token by token in float64:
+``y[t] += scale_t · Σ_{j<rank_t} g_t(j) · B'[:, j] (A'[j] · x_t)``. Each layout the layer
+special-cases is covered: one adapter over every row, consecutive rows (a span), scattered rows
+(gather / scatter), gate-free blocks, cross-fades, rank 0, scales != 1 and lora_B biases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from chunkwise.adapters.ladder import LadderModule
+from chunkwise.nn import ChunkwiseLinear, DecodePlan, TokenPlan
+from torch import nn
+
+IN, OUT, R = 12, 10, 8
+
+
+def oracle(x, base, ladders, rank, lo, g_lo, g_hi, scale, adapter, rows):
+    """Float64, token by token."""
+    y = base(x).double()
+    xd = x.double()
+    for i, row in enumerate(rows):
+        lad = ladders.get(int(adapter[i]))
+        if lad is None:
+            continue
+        a, b = lad.a.double(), lad.b.double()
+        r = min(int(rank[i]), a.shape[0])
+        g = torch.tensor([g_lo[i] if j < lo[i] else g_hi[i] for j in range(r)], dtype=torch.float64)
+        y[row] += scale[i] * (b[:, :r] @ (g * (a[:r] @ xd[row])))
+        if lad.bias is not None:
+            y[row] += lad.bias.double()
+    return y
+
+
+def layer_with(ladders, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(IN, OUT)
+    current = {}
+    layer = ChunkwiseLinear(base, lambda: current.get("plan"))
+    for i, lad in ladders.items():
+        layer.add_ladder(i, lad)
+    return base, layer, current
+
+
+def ladder(seed, rank=R, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(OUT, generator=g) if bias else None
+    return LadderModule(torch.randn(rank, IN, generator=g), torch.randn(OUT, rank, generator=g), b)
+
+
+def decisions(n, seed, crossfade=True):
+    rng = np.random.default_rng(seed)
+    rank = rng.choice([0, 2, 4, 8], n).astype(np.int32)
+    lo = np.minimum(rank, rng.choice([0, 2, 4, 8], n)).astype(np.int32) if crossfade else rank.copy()
+    g_lo = rng.uniform(0.2, 1.0, n).astype(np.float32) if crossfade else np.ones(n, np.float32)
+    g_hi = rng.uniform(0.0, 1.0, n).astype(np.float32) if crossfade else np.ones(n, np.float32)
+    scale = rng.choice([1.0, 0.5], n).astype(np.float32)
+    return rank, lo, g_lo, g_hi, scale
+
+
+@pytest.mark.parametrize("layout", ["all_rows_one_adapter", "spans", "scattered", "some_rows_unplanned"])
+@pytest.mark.parametrize("crossfade", [True, False])
+def test_token_plan_paths_match_the_oracle(layout, crossfade):
+    ladders = {0: ladder(1), 1: ladder(2, rank=6, bias=True), 2: ladder(3)}
+    base, layer, current = layer_with(ladders)
+    n_rows = 12
+    x = torch.randn(n_rows, IN, generator=torch.Generator().manual_seed(7))
+    rows = np.arange(n_rows)
+    if layout == "all_rows_one_adapter":
+        adapter = np.zeros(n_rows, np.int32)
+    elif layout == "spans":
+        adapter = np.repeat([0, 1, 2], 4).astype(np.int32)
+    elif layout == "scattered":
+        adapter = np.tile([0, 1, 2], 4).astype(np.int32)
+    else:
+        rows = np.array([0, 2, 3, 7, 8, 11])
+        adapter = np.array([1, 0, 0, 2, 2, 1], np.int32)
+    rank, lo, g_lo, g_hi, scale = decisions(len(rows), seed=5, crossfade=crossfade)
+    current["plan"] = TokenPlan.build(rank, lo, g_lo, g_hi, scale, adapter, rows, n_rows)
+    with torch.no_grad():
+        got = layer(x)
+        want = oracle(x, base, ladders, rank, lo, g_lo, g_hi, scale, adapter, rows)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_blocks_need_no_gates_and_ramps_do():
+    ones = np.ones(4, np.float32)
+    r = np.full(4, 8, np.int32)
+    plain = TokenPlan.build(r, r, ones, ones, ones * 0.5, np.zeros(4, np.int32), np.arange(4), 4)
+    assert plain.blocks[0].gates is None and plain.blocks[0].scale == 0.5 and plain.blocks[0].rows is None
+    lo = np.array([8, 8, 4, 8], np.int32)
+    ramp = TokenPlan.build(r, lo, ones, ones * 0.5, ones, np.zeros(4, np.int32), np.arange(4), 4)
+    assert ramp.blocks[0].gates is not None
+    two = TokenPlan.build(r, r, ones, ones, ones, np.array([0, 0, 1, 1], np.int32), np.arange(4), 4)
+    assert [b.span for b in two.blocks] == [(0, 2), (2, 4)]
+    mixed = TokenPlan.build(r, r, ones, ones, ones, np.array([0, 1, 0, 1], np.int32), np.arange(4), 4)
+    assert [b.span for b in mixed.blocks] == [None, None]
+    assert [b.rows.tolist() for b in mixed.blocks] == [[0, 2], [1, 3]]
+
+
+class Step:
+    def __init__(self, rank, lo, gate_lo, gate_hi, scale):
+        self.rank, self.lo, self.gate_lo, self.gate_hi, self.scale = rank, lo, gate_lo, gate_hi, scale
+
+
+@pytest.mark.parametrize("adapters", [[0, 0, 0, 0, 0], [0, 1, 2, 1, 0], [2, 2, 0, 0, 1]])
+def test_decode_plan_reuses_its_buffers_and_matches_token_plan(adapters):
+    ladders = {0: ladder(1), 1: ladder(2, rank=6, bias=True), 2: ladder(3)}
+    base, layer, current = layer_with(ladders)
+    ad = np.array(adapters, np.int32)
+    dplan = DecodePlan(ad, R, "cpu", torch.float32)
+    first = dplan.plan
+    buffers = {id(first)}
+    for step in range(6):
+        decided = decisions(len(ad), seed=step, crossfade=step % 2 == 0)
+        plan = dplan.update(Step(*decided))
+        buffers.add(id(plan))
+        x = torch.randn(len(ad), IN, generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            current["plan"] = plan
+            got = layer(x)
+            current["plan"] = TokenPlan.build(*decided, ad, np.arange(len(ad)), len(ad))
+            fresh = layer(x)
+            want = oracle(x, base, ladders, *decided, ad, np.arange(len(ad)))
+        torch.testing.assert_close(got, fresh, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert buffers == {id(first)}  # one plan object, rewritten in place
+
+
+def test_layer_follows_to_and_keeps_no_stale_factors():
+    ladders = {0: ladder(1)}
+    base, layer, current = layer_with(ladders)
+    x = torch.randn(3, IN)
+    r = np.full(3, R, np.int32)
+    ones = np.ones(3, np.float32)
+    layer.double()
+    current["plan"] = TokenPlan.build(
+        r, r, ones, ones, ones, np.zeros(3, np.int32), np.arange(3), 3, dtype=torch.float64
+    )
+    with torch.no_grad():
+        got = layer(x.double())
+    assert got.dtype == torch.float64
+    want = oracle(x.double(), base.double(), ladders, r, r, ones, ones, ones, np.zeros(3), np.arange(3))
+    torch.testing.assert_close(got, want)
