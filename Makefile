@@ -19,11 +19,13 @@ test:  ## Python tests, then Rust tests
 test-rust:  ## Rust tests only
 	cargo test --workspace
 
-lint:  ## clippy, rustfmt, ruff
+lint:  ## clippy, rustfmt, ruff, mypy, stubtest
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all -- --check
 	ruff check python tests benches scripts
 	ruff format --check python tests benches scripts
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest chunkwise._core
 
 fmt:  ## format Rust and Python
 	cargo fmt --all

@@ -169,8 +169,7 @@ def useful_bytes(per_token: dict[str, np.ndarray], in_f: int, out_f: int, es: in
 
 def kernel_call(seg: KernelSegments, factors: LoraFactors, xs, ys, device: str) -> Callable[[int], None]:
     fn = K.lora_delta_cuda if device == "cuda" else K.lora_delta_reference
-    kw = seg.kwargs()
-    return lambda i: fn(xs[i % len(xs)], ys[i % len(ys)], factors, **kw)
+    return lambda i: fn(xs[i % len(xs)], ys[i % len(ys)], factors, seg)
 
 
 def torch_padded_call(per_token, factors: LoraFactors, xs, ys, device, dtype) -> Callable[[int], None]:
@@ -254,8 +253,7 @@ def decode_case(batch: int, in_f: int, out_f: int, dtype, device, factors: LoraF
     xs = [torch.randn(batch, in_f, device=device, dtype=dtype) for _ in range(n_sets)]
     ys = [torch.randn(batch, out_f, device=device, dtype=dtype) for _ in range(n_sets)]
     fn = K.lora_delta_cuda if device == "cuda" else K.lora_delta_reference
-    kw = dec.kwargs()
-    return lambda i: fn(xs[i % n_sets], ys[i % n_sets], factors, **kw)
+    return lambda i: fn(xs[i % n_sets], ys[i % n_sets], factors, dec)
 
 
 # ---- main ---------------------------------------------------------------------------------------

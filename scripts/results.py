@@ -3,7 +3,7 @@
 measured in this one run on this machine.
 
     python scripts/train_adapter.py --out adapters/smollm2-wiki-r64     # once (~20-30 min, CPU)
-    python benches/kv_cpu.py --json kv.json                             # KV policies (~10 min)
+    python -m benches.kv_cpu --json kv.json                           # KV policies (~10 min)
     python scripts/results.py --adapter adapters/smollm2-wiki-r64 --kv-json kv.json
 
 Tables: perplexity on held-out Wikipedia (the adapter's own eval split) and SQuAD v1.1 EM/F1 for
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="16,32,48", help="target mean ranks (default: 16,32,48)")
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     ap.add_argument("--questions", type=int, default=40, help="SQuAD questions per mode (default: 40)")
-    ap.add_argument("--kv-json", type=Path, help="rows written by benches/kv_cpu.py --json")
+    ap.add_argument("--kv-json", type=Path, help="rows written by python -m benches.kv_cpu --json")
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
     figs = args.out.parent / "figures"
@@ -230,7 +230,7 @@ def main() -> None:
             )
         kv_saving = min(r["kv_peak_mb"] for r in kv) / full["kv_peak_mb"]
         md += [
-            f"## KV-cache policies ({full['tokens']} held-out tokens streamed, `benches/kv_cpu.py`)",
+            f"## KV-cache policies ({full['tokens']} held-out tokens streamed, `python -m benches.kv_cpu`)",
             "",
             table(["policy", "budget", "ppl", "Δppl", "KV MB", "ΔKV", "RSS MB", "decode ms/token"], kv_rows),
             "",
@@ -252,7 +252,7 @@ def main() -> None:
                 ["fused segmented kernel", "needs a GPU: not measured on this machine", "—"],
                 [
                     "KV-cache policy",
-                    "smallest KV peak vs full cache" if kv_saving else "run benches/kv_cpu.py",
+                    "smallest KV peak vs full cache" if kv_saving else "run python -m benches.kv_cpu",
                     f"{100 * (1 - kv_saving):.0f} % KV memory" if kv_saving else "—",
                 ],
                 [

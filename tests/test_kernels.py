@@ -10,6 +10,7 @@ same grid, on a side stream and replayed from a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import os
 import re
@@ -29,6 +30,7 @@ from tests.support.kernel_cases import (
     assert_matches,
     dense_expected,
     make_case,
+    numpy_arrays,
 )
 
 SINGLE_RANK = ("one_long", "uniform")
@@ -111,7 +113,7 @@ def test_reference_matches_dense_oracle(layout, rank, dtype):
     case = make_case(layout, dtype, rank=rank, seed=11)
     y0 = case.y2.clone()
     expected = dense_expected(case)
-    out = K.lora_delta_reference(case.x2, case.y2, case.factors, **case.kwargs())
+    out = K.lora_delta_reference(case.x2, case.y2, case.factors, case.segments)
     assert out is case.y2
     eps = torch.finfo(dtype).eps
     assert_matches(out, expected, y0, 2 * eps, case.name)
@@ -123,7 +125,7 @@ def test_reference_matches_dense_oracle(layout, rank, dtype):
 def test_reference_leaves_unplanned_rows_bit_for_bit():
     case = make_case("padded_rows", torch.float16, seed=3)
     y0 = case.y2.clone()
-    K.lora_delta_reference(case.x2, case.y2, case.factors, **case.kwargs())
+    K.lora_delta_reference(case.x2, case.y2, case.factors, case.segments)
     pad = torch.isnan(y0).all(dim=1)
     assert pad.sum() == case.y2.shape[0] - len(case.row_of) > 0
     assert torch.isnan(case.y2[pad]).all()
@@ -131,13 +133,14 @@ def test_reference_leaves_unplanned_rows_bit_for_bit():
 
 def test_reference_accepts_numpy_metadata_and_validates_it():
     case = make_case("many_short", torch.float32, seed=4)
-    kw = {k: (None if v is None else v.numpy()) for k, v in case.kwargs().items()}
-    a = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **kw)
-    b = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
+    kw = numpy_arrays(case.segments)
+    host = dataclasses.replace(case.segments, **kw)
+    a = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, host)
+    b = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
     assert torch.equal(a, b)
-    bad = dict(kw, seg_adapter=np.full_like(kw["seg_adapter"], 7))
+    bad = dataclasses.replace(host, seg_adapter=np.full_like(kw["seg_adapter"], 7))
     with pytest.raises(InputError) as exc:
-        K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **bad)
+        K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, bad)
     assert exc.value.parameter == "seg_adapter"
 
 
@@ -155,10 +158,10 @@ def test_reference_accepts_numpy_metadata_and_validates_it():
 )
 def test_check_segments_names_the_bad_array(change, param):
     case = make_case("mixed_adapters", torch.float32, seed=5)
-    kw = {k: (None if v is None else v.numpy()) for k, v in case.kwargs().items()}
+    kw = numpy_arrays(case.segments)
     change(kw)
     with pytest.raises(InputError) as exc:
-        K.check_segments(**kw, n_adapters=len(case.factors))
+        K.check_segments(dataclasses.replace(case.segments, **kw), n_adapters=len(case.factors))
     assert exc.value.parameter == param
 
 
@@ -181,8 +184,8 @@ def test_segments_from_token_arrays_reproduce_the_plan():
     off = seg.seg_offsets.numpy()
     assert np.array_equal(np.repeat(seg.seg_rank.numpy(), np.diff(off)), case.token_rank)
     assert np.array_equal(np.repeat(seg.seg_adapter.numpy(), np.diff(off)), case.token_adapter)
-    a = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **seg.kwargs())
-    b = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
+    a = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, seg)
+    b = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
     assert torch.equal(a, b)
 
 
@@ -200,7 +203,7 @@ def test_segments_from_plan_take_the_adapter_override():
 
 def test_decode_segments_write_fixed_buffers():
     dec = K.DecodeSegments(3, adapters=[0, -1, 1], device="cpu")
-    bufs = {k: v.data_ptr() for k, v in dec.kwargs().items() if v is not None}
+    bufs = {k: getattr(dec, k).data_ptr() for k in K.SEGMENT_ARRAYS if getattr(dec, k) is not None}
 
     class Step:
         rank = np.array([4, 64, 0], np.int32)
@@ -210,7 +213,7 @@ def test_decode_segments_write_fixed_buffers():
         scale = np.array([1.0, 0.5, 2.0], np.float32)
 
     dec.update(Step)
-    assert {k: v.data_ptr() for k, v in dec.kwargs().items() if v is not None} == bufs
+    assert {k: getattr(dec, k).data_ptr() for k in K.SEGMENT_ARRAYS if getattr(dec, k) is not None} == bufs
     assert dec.seg_rank.tolist() == [4, 64, 0] and dec.token_lo.tolist() == [0, 32, 0]
     assert dec.gate_lo.tolist() == [0.5, 0.25, 1.0] and dec.seg_scale.tolist() == [1.0, 0.5, 2.0]
     assert dec.seg_adapter.tolist() == [0, -1, 1] and dec.seg_offsets.tolist() == [0, 1, 2, 3]
@@ -224,30 +227,35 @@ def test_decode_segments_write_fixed_buffers():
 def test_plan_launches_grid_and_splits():
     case = make_case("mixed_adapters", torch.bfloat16, in_f=1000, seed=8)
     n, s = case.segments.n_tokens, case.segments.n_segments
-    launches, _ = plan_launches(case.x2, case.y2, case.factors, **case.kwargs(), sms=132, cc=(9, 0))
+    launches, _ = plan_launches(case.x2, case.y2, case.factors, case.segments, sms=132, cc=(9, 0))
     assert [lc.kernel for lc in launches] == ["lora_tile_map", "lora_shrink_bf16_mma", "lora_expand_bf16_mma"]
     assert launches[1].grid[0] == launches[2].grid[0] == -(-n // K.TILE_M) + s
     assert launches[1].grid[1] > 1  # few tiles: the input dimension is split
     assert launches[2].grid[1] == -(-case.y2.shape[1] // 64)
-    old, _ = plan_launches(case.x2, case.y2, case.factors, **case.kwargs(), sms=132, cc=(7, 5))
+    old, _ = plan_launches(case.x2, case.y2, case.factors, case.segments, sms=132, cc=(7, 5))
     assert old[1].kernel == "lora_shrink_bf16_simt"
-    none, _ = plan_launches(case.x2, case.y2, [None, None], **case.kwargs(), sms=132, cc=(9, 0))
+    none, _ = plan_launches(case.x2, case.y2, [None, None], case.segments, sms=132, cc=(9, 0))
     assert none == []
 
 
 def test_plan_launches_checks_shapes_and_dtypes():
     case = make_case("uniform", torch.float16, rank=8, seed=9)
-    kw = case.kwargs()
+    kw = case.segments
     with pytest.raises(InputError) as exc:
-        plan_launches(case.x2.float(), case.y2, case.factors, **kw, sms=1, cc=(9, 0))
+        plan_launches(case.x2.float(), case.y2, case.factors, kw, sms=1, cc=(9, 0))
     assert exc.value.parameter == "y2"
     with pytest.raises(InputError) as exc:
         plan_launches(
-            case.x2, case.y2, case.factors, **dict(kw, seg_rank=kw["seg_rank"].long()), sms=1, cc=(9, 0)
+            case.x2,
+            case.y2,
+            case.factors,
+            dataclasses.replace(kw, seg_rank=kw.seg_rank.long()),
+            sms=1,
+            cc=(9, 0),
         )
     assert exc.value.parameter == "seg_rank"
     with pytest.raises(InputError) as exc:
-        plan_launches(case.x2[:-1], case.y2[:-1], case.factors, **kw, sms=1, cc=(9, 0))
+        plan_launches(case.x2[:-1], case.y2[:-1], case.factors, kw, sms=1, cc=(9, 0))
     assert exc.value.parameter == "rows"
     with pytest.raises(InputError) as exc:
         K.LoraFactors([(case.factors[0][0], case.factors[0][1][:, :3])])
@@ -275,7 +283,7 @@ def test_backend_switch(monkeypatch):
 def test_cuda_path_refuses_cpu_tensors():
     case = make_case("uniform", torch.float32, rank=4, seed=10)
     with pytest.raises(InputError) as exc:
-        K.lora_delta_cuda(case.x2, case.y2, case.factors, **case.kwargs())
+        K.lora_delta_cuda(case.x2, case.y2, case.factors, case.segments)
     assert exc.value.parameter == "x2"
 
 
@@ -311,8 +319,8 @@ def test_emulated_kernels_match_reference(emulator, layout, rank, variant):
     dtype, mma = VARIANTS[variant]
     case = make_case(layout, dtype, rank=rank, seed=21)
     y0 = case.y2.clone()
-    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
-    out = emulator.lora_delta(case.x2, case.y2, case.factors, **case.kwargs(), mma=mma, debug_poison=True)
+    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
+    out = emulator.lora_delta(case.x2, case.y2, case.factors, case.segments, mma=mma, debug_poison=True)
     assert_matches(out, ref, y0, DELTA_TOL[dtype], f"{case.name} {variant}")
 
 
@@ -326,8 +334,8 @@ def test_emulated_kernels_odd_shapes_strides_and_splits(emulator, variant, in_f,
     dtype, mma = VARIANTS[variant]
     case = make_case("mixed_adapters", dtype, in_f=in_f, out_f=out_f, row_pad=row_pad, seed=in_f)
     y0 = case.y2.clone()
-    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
-    out = emulator.lora_delta(case.x2, case.y2, case.factors, **case.kwargs(), mma=mma, ksplit=ksplit)
+    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
+    out = emulator.lora_delta(case.x2, case.y2, case.factors, case.segments, mma=mma, ksplit=ksplit)
     assert_matches(out, ref, y0, DELTA_TOL[dtype], f"{case.name} {variant}")
 
 
@@ -347,8 +355,8 @@ def test_emulated_decode_step(emulator):
 
         dec.update(Step)
         x2, y2 = torch.randn(b, in_f), torch.randn(b, out_f)
-        ref = K.lora_delta_reference(x2, y2.clone(), factors, **dec.kwargs())
-        out = emulator.lora_delta(x2, y2.clone(), factors, **dec.kwargs(), debug_poison=True)
+        ref = K.lora_delta_reference(x2, y2.clone(), factors, dec)
+        out = emulator.lora_delta(x2, y2.clone(), factors, dec, debug_poison=True)
         assert_matches(out, ref, y2, DELTA_TOL[torch.float32], "decode step")
 
 
@@ -372,12 +380,10 @@ def test_cuda_matches_reference(layout, rank, variant):
     dtype, mma = VARIANTS[variant]
     case = make_case(layout, dtype, rank=rank, seed=31).to("cuda")
     y0 = case.y2.clone()
-    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
+    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
     for ksplit in (1, None):  # poisoned workspace (stores), then the device's own split (atomics)
         y2 = y0.clone()
-        K.lora_delta_cuda(
-            case.x2, y2, case.factors, **case.kwargs(), mma=mma, ksplit=ksplit, debug_poison=True
-        )
+        K.lora_delta_cuda(case.x2, y2, case.factors, case.segments, mma=mma, ksplit=ksplit, debug_poison=True)
         torch.cuda.synchronize()
         assert_matches(y2, ref, y0, DELTA_TOL[dtype], f"{case.name} {variant} ksplit={ksplit}")
 
@@ -394,8 +400,8 @@ def test_cuda_odd_and_large_shapes(variant, in_f, out_f, ksplit):
     dtype, mma = VARIANTS[variant]
     case = make_case("mixed_adapters", dtype, in_f=in_f, out_f=out_f, row_pad=8, seed=in_f).to("cuda")
     y0 = case.y2.clone()
-    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
-    K.lora_delta_cuda(case.x2, case.y2, case.factors, **case.kwargs(), mma=mma, ksplit=ksplit)
+    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
+    K.lora_delta_cuda(case.x2, case.y2, case.factors, case.segments, mma=mma, ksplit=ksplit)
     torch.cuda.synchronize()
     assert_matches(case.y2, ref, y0, DELTA_TOL[dtype], f"{case.name} {variant}")
 
@@ -405,13 +411,13 @@ def test_cuda_runs_on_torch_current_stream():
     _require_cuda()
     case = make_case("plan", torch.bfloat16, seed=32).to("cuda")
     y0 = case.y2.clone()
-    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, **case.kwargs())
+    ref = K.lora_delta_reference(case.x2, case.y2.clone(), case.factors, case.segments)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         y2 = y0.clone()
         torch.cuda._sleep(10_000_000)  # the launches must queue behind this on the side stream
-        K.lora_delta_cuda(case.x2, y2, K.LoraFactors(case.factors), **case.kwargs())
+        K.lora_delta_cuda(case.x2, y2, K.LoraFactors(case.factors), case.segments)
     side.synchronize()
     assert_matches(y2, ref, y0, DELTA_TOL[torch.bfloat16], "side stream")
 
@@ -435,7 +441,7 @@ def test_cuda_graph_replays_decode_steps_with_new_metadata(dtype):
 
     def step():
         y2.copy_(y_in)
-        K.lora_delta_cuda(x2, y2, factors, **dec.kwargs())
+        K.lora_delta_cuda(x2, y2, factors, dec)
 
     def new_step():
         class Step:
@@ -458,7 +464,7 @@ def test_cuda_graph_replays_decode_steps_with_new_metadata(dtype):
         x2.copy_(torch.randn(b, in_f, device="cuda", dtype=dtype))
         graph.replay()
         torch.cuda.synchronize()
-        ref = K.lora_delta_reference(x2, y_in.clone(), factors, **dec.kwargs())
+        ref = K.lora_delta_reference(x2, y_in.clone(), factors, dec)
         assert_matches(y2, ref, y_in, DELTA_TOL[dtype], "graph replay")
 
 

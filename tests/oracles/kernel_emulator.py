@@ -56,8 +56,8 @@ class Emulator:
         if rc != 0:
             raise AssertionError(f"{launch.kernel}: {self.lib.emu_error().decode()}")
 
-    def lora_delta(self, x2: Any, y2: Any, factors: Any, **kwargs: Any) -> Any:
-        launches, keep = plan_launches(x2, y2, factors, sms=SMS, cc=CC, **kwargs)
+    def lora_delta(self, x2: Any, y2: Any, factors: Any, segments: Any, **kwargs: Any) -> Any:
+        launches, keep = plan_launches(x2, y2, factors, segments, sms=SMS, cc=CC, **kwargs)
         for launch in launches:
             self.run(launch)
         del keep

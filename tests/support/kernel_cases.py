@@ -9,7 +9,7 @@ from typing import Any
 import chunkwise as cw
 import numpy as np
 import torch
-from chunkwise.kernels import KernelSegments
+from chunkwise.kernels import SEGMENT_ARRAYS, KernelSegments
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 #: Relative error of the delta (‖out − ref‖ / ‖ref − y0‖ over touched rows) allowed per dtype.
@@ -38,18 +38,11 @@ class Case:
     token_adapter: np.ndarray
     row_of: np.ndarray
 
-    def kwargs(self) -> dict[str, Any]:
-        return self.segments.kwargs()
-
     def to(self, device: Any) -> Case:
         """The same case on ``device`` (x2 keeps its row stride)."""
         seg = dataclasses.replace(
             self.segments,
-            **{
-                k: (None if v is None else v.to(device))
-                for k, v in self.segments.kwargs().items()
-                if k != "n_rows"
-            },
+            **{k: None if (v := getattr(self.segments, k)) is None else v.to(device) for k in SEGMENT_ARRAYS},
         )
         big = torch.empty(self.x2.shape[0], self.x2.stride(0), dtype=self.x2.dtype, device=device)
         big.fill_(float("nan"))
@@ -97,6 +90,11 @@ def _synthetic_segments(layout: str, rank: int | None, rng: np.random.Generator)
     else:
         adapters = [0] * n
     return (np.array(lens, np.int64), np.array(ranks, np.int32), np.array(adapters, np.int32))
+
+
+def numpy_arrays(segments: KernelSegments) -> dict[str, Any]:
+    """The metadata arrays of ``segments`` as numpy (None stays None), by name."""
+    return {k: None if (v := getattr(segments, k)) is None else v.numpy() for k in SEGMENT_ARRAYS}
 
 
 def make_case(

@@ -32,10 +32,18 @@ from .cuda import (
     use_cuda_kernels,
 )
 from .reference import lora_delta_reference
-from .segments import DecodeSegments, KernelSegments, check_segments
+from .segments import (
+    SEGMENT_ARRAYS,
+    DecodeSegments,
+    KernelSegments,
+    SegmentArrays,
+    StepDecisions,
+    check_segments,
+)
 
 __all__ = [
     "DTYPE_SUFFIX",
+    "SEGMENT_ARRAYS",
     "ENV_VAR",
     "KERNEL_CONSTANTS",
     "KERNEL_NAMES",
@@ -45,6 +53,8 @@ __all__ = [
     "KernelSegments",
     "LoraFactors",
     "NvrtcOutput",
+    "SegmentArrays",
+    "StepDecisions",
     "check_segments",
     "compile_options",
     "cuda_include_dirs",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError, KernelError
+from .segments import SegmentArrays
 
 __all__ = [
     "DTYPE_SUFFIX",
@@ -389,19 +390,66 @@ class Launch:
     args: tuple[Any, ...]
 
 
+def _check_activations(x2: torch.Tensor, y2: torch.Tensor) -> None:
+    for name, t in (("x2", x2), ("y2", y2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise InputError(f"{name}: must be a 2-d tensor", name)
+        if t.dtype not in DTYPE_SUFFIX:
+            raise InputError(f"{name}: dtype {t.dtype} is not float32, float16 or bfloat16", name)
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise InputError(f"{name}: needs unit stride along features, has strides {t.stride()}", name)
+    if y2.device != x2.device or y2.dtype != x2.dtype:
+        raise InputError(f"y2: {y2.dtype} on {y2.device}, x2 is {x2.dtype} on {x2.device}", "y2")
+    if x2.shape[0] != y2.shape[0]:
+        raise InputError(f"y2: has {y2.shape[0]} rows, x2 {x2.shape[0]}", "y2")
+
+
+def _check_metadata(segments: SegmentArrays, n_rows: int, device: torch.device) -> tuple[int, int]:
+    """Dtypes, lengths and devices of the metadata (not values: that would synchronise);
+    returns (segments, planned tokens)."""
+    n_seg = _meta("seg_rank", segments.seg_rank, torch.int32, None, device).numel()
+    n_tok = _meta("token_lo", segments.token_lo, torch.int32, None, device).numel()
+    _meta("seg_offsets", segments.seg_offsets, torch.int32, n_seg + 1, device)
+    _meta("seg_scale", segments.seg_scale, torch.float32, n_seg, device)
+    _meta("seg_adapter", segments.seg_adapter, torch.int32, n_seg, device)
+    _meta("gate_lo", segments.gate_lo, torch.float32, n_tok, device)
+    _meta("gate_hi", segments.gate_hi, torch.float32, n_tok, device)
+    if segments.rows is None:
+        if n_tok != n_rows:
+            raise InputError(f"token_lo: covers {n_tok} tokens, x2 has {n_rows} rows (pass rows=)", "rows")
+    else:
+        _meta("rows", segments.rows, torch.int32, n_tok, device)
+    return n_seg, n_tok
+
+
+def _check_factors(f: LoraFactors, x2: torch.Tensor, y2: torch.Tensor) -> None:
+    if f.device != x2.device or f.dtype != x2.dtype:
+        raise InputError(
+            f"factors: {f.dtype} on {f.device}, activations {x2.dtype} on {x2.device}", "factors"
+        )
+    if (f.in_features, f.out_features) != (x2.shape[1], y2.shape[1]):
+        raise InputError(
+            f"factors: in={f.in_features}, out={f.out_features}; x2/y2 have {x2.shape[1]}, {y2.shape[1]}",
+            "factors",
+        )
+
+
+def _input_split(ksplit: int | None, n_tok: int, n_seg: int, in_f: int, sms: int) -> tuple[int, int]:
+    """(splits of the input dimension, features per split; a multiple of SHRINK_KC). Default:
+    enough blocks for two per multiprocessor, each split >= 2 chunks of the input."""
+    if ksplit is None:
+        est_tiles = _cdiv(n_tok, TILE_M) + n_seg // 2
+        ksplit = max(1, min(_cdiv(2 * sms, est_tiles), _cdiv(in_f, _SHRINK_KC) // 2))
+    k_split = _cdiv(_cdiv(in_f, max(int(ksplit), 1)), _SHRINK_KC) * _SHRINK_KC
+    return _cdiv(in_f, k_split), k_split
+
+
 def plan_launches(
     x2: torch.Tensor,
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-    seg_offsets: torch.Tensor,
-    seg_rank: torch.Tensor,
-    seg_scale: torch.Tensor,
-    seg_adapter: torch.Tensor,
-    token_lo: torch.Tensor,
-    gate_lo: torch.Tensor,
-    gate_hi: torch.Tensor,
+    segments: SegmentArrays,
     *,
-    rows: torch.Tensor | None = None,
     ksplit: int | None = None,
     mma: bool | None = None,
     debug_poison: bool = False,
@@ -413,41 +461,12 @@ def plan_launches(
     alive until the launches ran). ``sms`` and ``cc`` describe the device. No launch at all when
     there is nothing to do. The CPU emulator of the tests runs these same launches."""
     f = LoraFactors.coerce(factors)
-    for name, t in (("x2", x2), ("y2", y2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise InputError(f"{name}: must be a 2-d tensor", name)
-        if t.dtype not in DTYPE_SUFFIX:
-            raise InputError(f"{name}: dtype {t.dtype} is not float32, float16 or bfloat16", name)
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise InputError(f"{name}: needs unit stride along features, has strides {t.stride()}", name)
+    _check_activations(x2, y2)
     device = x2.device
-    if y2.device != device or y2.dtype != x2.dtype:
-        raise InputError(f"y2: {y2.dtype} on {y2.device}, x2 is {x2.dtype} on {device}", "y2")
-    if x2.shape[0] != y2.shape[0]:
-        raise InputError(f"y2: has {y2.shape[0]} rows, x2 {x2.shape[0]}", "y2")
-    n_seg = _meta("seg_rank", seg_rank, torch.int32, None, device).numel()
-    n_tok = _meta("token_lo", token_lo, torch.int32, None, device).numel()
-    _meta("seg_offsets", seg_offsets, torch.int32, n_seg + 1, device)
-    _meta("seg_scale", seg_scale, torch.float32, n_seg, device)
-    _meta("seg_adapter", seg_adapter, torch.int32, n_seg, device)
-    _meta("gate_lo", gate_lo, torch.float32, n_tok, device)
-    _meta("gate_hi", gate_hi, torch.float32, n_tok, device)
-    if rows is None:
-        if n_tok != x2.shape[0]:
-            raise InputError(
-                f"token_lo: covers {n_tok} tokens, x2 has {x2.shape[0]} rows (pass rows=)", "rows"
-            )
-    else:
-        _meta("rows", rows, torch.int32, n_tok, device)
+    n_seg, n_tok = _check_metadata(segments, int(x2.shape[0]), device)
     if f.dtype is None or f.max_rank == 0 or n_seg == 0 or n_tok == 0:
         return [], []
-    if f.device != device or f.dtype != x2.dtype:
-        raise InputError(f"factors: {f.dtype} on {f.device}, activations {x2.dtype} on {device}", "factors")
-    if (f.in_features, f.out_features) != (x2.shape[1], y2.shape[1]):
-        raise InputError(
-            f"factors: in={f.in_features}, out={f.out_features}; x2/y2 have {x2.shape[1]}, {y2.shape[1]}",
-            "factors",
-        )
+    _check_factors(f, x2, y2)
     assert f.ptr_table is not None and f.rank_table is not None
 
     suffix = DTYPE_SUFFIX[x2.dtype]
@@ -455,11 +474,7 @@ def plan_launches(
     suffix += "_mma" if use_mma else "_simt"
     in_f, out_f = int(x2.shape[1]), int(y2.shape[1])
     max_tiles = _cdiv(n_tok, TILE_M) + n_seg  # >= the tiles of any segmentation of n_tok tokens
-    if ksplit is None:  # enough blocks for two per multiprocessor, each split >= 2 chunks of in
-        est_tiles = _cdiv(n_tok, TILE_M) + n_seg // 2
-        ksplit = max(1, min(_cdiv(2 * sms, est_tiles), _cdiv(in_f, _SHRINK_KC) // 2))
-    k_split = _cdiv(_cdiv(in_f, max(int(ksplit), 1)), _SHRINK_KC) * _SHRINK_KC
-    ksplit = _cdiv(in_f, k_split)
+    ksplit, k_split = _input_split(ksplit, n_tok, n_seg, in_f, sms)
     vec_elems = 16 // x2.element_size()
     vec = in_f % vec_elems == 0 and x2.stride(0) % vec_elems == 0 and x2.data_ptr() % 16 == 0 and f.aligned16
 
@@ -472,11 +487,12 @@ def plan_launches(
         h = torch.empty((n_tok, f.max_rank), dtype=torch.float32, device=device)
     i32, i64 = np.int32, np.int64
     a_ptrs, b_ptrs = f.ptr_table[0], f.ptr_table[1]
+    sg, rows = segments, segments.rows
     tile_map = Launch(
         "lora_tile_map",
         (1, 1),
         _MAP_THREADS,
-        (_ptr(seg_offsets), _ptr(seg_rank), i32(n_seg), _ptr(tile_start)),
+        (_ptr(sg.seg_offsets), _ptr(sg.seg_rank), i32(n_seg), _ptr(tile_start)),
     )
     shrink = Launch(
         f"lora_shrink_{suffix}",
@@ -485,8 +501,8 @@ def plan_launches(
         (
             _ptr(x2), i64(x2.stride(0)), _ptr(rows), i32(n_tok), i32(in_f),
             _ptr(a_ptrs), _ptr(f.rank_table), i32(f.n_adapters),
-            _ptr(seg_offsets), _ptr(seg_rank), _ptr(seg_scale), _ptr(seg_adapter), i32(n_seg),
-            _ptr(tile_start), _ptr(token_lo), _ptr(gate_lo), _ptr(gate_hi),
+            _ptr(sg.seg_offsets), _ptr(sg.seg_rank), _ptr(sg.seg_scale), _ptr(sg.seg_adapter), i32(n_seg),
+            _ptr(tile_start), _ptr(sg.token_lo), _ptr(sg.gate_lo), _ptr(sg.gate_hi),
             _ptr(h), i32(f.max_rank), i32(k_split), i32(ksplit > 1), i32(vec),
         ),
     )  # fmt: skip
@@ -497,7 +513,7 @@ def plan_launches(
         (
             _ptr(y2), i64(y2.stride(0)), _ptr(rows), i32(n_tok), i32(out_f),
             _ptr(b_ptrs), _ptr(f.rank_table), i32(f.n_adapters),
-            _ptr(seg_offsets), _ptr(seg_rank), _ptr(seg_adapter), i32(n_seg),
+            _ptr(sg.seg_offsets), _ptr(sg.seg_rank), _ptr(sg.seg_adapter), i32(n_seg),
             _ptr(tile_start), _ptr(h), i32(f.max_rank),
         ),
     )  # fmt: skip
@@ -508,15 +524,8 @@ def lora_delta_cuda(
     x2: torch.Tensor,
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-    seg_offsets: torch.Tensor,
-    seg_rank: torch.Tensor,
-    seg_scale: torch.Tensor,
-    seg_adapter: torch.Tensor,
-    token_lo: torch.Tensor,
-    gate_lo: torch.Tensor,
-    gate_hi: torch.Tensor,
+    segments: SegmentArrays,
     *,
-    rows: torch.Tensor | None = None,
     ksplit: int | None = None,
     mma: bool | None = None,
     debug_poison: bool = False,
@@ -531,11 +540,8 @@ def lora_delta_cuda(
         x2: [n_rows, in] activations (float32 / float16 / bfloat16, unit column stride).
         y2: [n_rows, out] output of the same dtype, accumulated into.
         factors: a :class:`LoraFactors` (or what builds one) of that dtype on that device.
-        seg_offsets: int32 [S+1], non-decreasing token offsets of the segments.
-        seg_rank, seg_adapter: int32 [S] (adapter < 0: no adapter); seg_scale: float32 [S].
-        token_lo: int32 [N]; gate_lo, gate_hi: float32 [N] (N planned tokens).
-        rows: int32 [N] distinct rows of x2/y2 of the planned tokens (None: row t is token t,
-            and then N == n_rows).
+        segments: the metadata (:class:`KernelSegments` or :class:`DecodeSegments`, on x2's
+            device; see :class:`SegmentArrays` for the arrays and their dtypes).
         ksplit: splits of the input dimension in the shrink (None: enough blocks to fill the
             device); mma: tensor cores for float16/bfloat16 (None: on sm_80+).
         debug_poison: fill the float32 workspace with NaN first (ksplit 1 only), so that a
@@ -551,9 +557,8 @@ def lora_delta_cuda(
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     sms, cc = _device_props(index)
     launches, keep = plan_launches(
-        x2, y2, factors, seg_offsets, seg_rank, seg_scale, seg_adapter, token_lo, gate_lo, gate_hi,
-        rows=rows, ksplit=ksplit, mma=mma, debug_poison=debug_poison, sms=sms, cc=cc,
-    )  # fmt: skip
+        x2, y2, factors, segments, ksplit=ksplit, mma=mma, debug_poison=debug_poison, sms=sms, cc=cc
+    )
     if not launches:
         return y2
     fns = _functions(index)

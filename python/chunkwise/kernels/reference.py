@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .cuda import LoraFactors
-from .segments import check_segments
+from .segments import SegmentArrays, check_segments
 
 __all__ = ["lora_delta_reference"]
 
@@ -18,15 +18,8 @@ def lora_delta_reference(
     x2: torch.Tensor,
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-    seg_offsets: Any,
-    seg_rank: Any,
-    seg_scale: Any,
-    seg_adapter: Any,
-    token_lo: Any,
-    gate_lo: Any,
-    gate_hi: Any,
+    segments: SegmentArrays,
     *,
-    rows: Any | None = None,
     ksplit: int | None = None,
     mma: bool | None = None,
     debug_poison: bool = False,
@@ -43,22 +36,9 @@ def lora_delta_reference(
     f = LoraFactors.coerce(factors)
     if x2.dim() != 2 or y2.dim() != 2 or x2.shape[0] != y2.shape[0]:
         raise ValueError(f"x2 {tuple(x2.shape)} and y2 {tuple(y2.shape)} must be 2-d with equal rows")
-    meta = check_segments(
-        seg_offsets,
-        seg_rank,
-        seg_scale,
-        seg_adapter,
-        token_lo,
-        gate_lo,
-        gate_hi,
-        n_adapters=f.n_adapters,
-        rows=rows,
-        n_rows=int(x2.shape[0]),
-    )
+    meta = check_segments(segments, n_adapters=f.n_adapters, n_rows=int(x2.shape[0]))
     n_tok = len(meta["token_lo"])
-    if rows is None and n_tok != x2.shape[0]:
-        from ..errors import InputError
-
+    if segments.rows is None and n_tok != x2.shape[0]:
         raise InputError(f"token_lo: covers {n_tok} tokens, x2 has {x2.shape[0]} rows (pass rows=)", "rows")
     row_of = meta.get("rows", np.arange(n_tok, dtype=np.int64)).astype(np.int64)
     off = meta["seg_offsets"].astype(np.int64)

@@ -49,7 +49,7 @@
 #endif
 
 #if defined(LORA_EMULATE)
-// CPU emulation (tests/kernel_emu): the harness defines the CUDA built-ins and types used here
+// CPU emulation (tests/oracles/kernel_emu): the harness defines the CUDA built-ins and types used here
 // and lora_emu_mma, a warp-collective m16n8k16 that follows the PTX ISA fragment layout.
 #define LORA_HAS_MMA 1
 #else

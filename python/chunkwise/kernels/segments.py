@@ -12,8 +12,26 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["DecodeSegments", "KernelSegments", "StepDecisions", "check_segments"]
+__all__ = [
+    "SEGMENT_ARRAYS",
+    "DecodeSegments",
+    "KernelSegments",
+    "SegmentArrays",
+    "StepDecisions",
+    "check_segments",
+]
 
+#: The arrays of :class:`SegmentArrays`, by name, in the kernels' argument order.
+SEGMENT_ARRAYS: tuple[str, ...] = (
+    "seg_offsets",
+    "seg_rank",
+    "seg_scale",
+    "seg_adapter",
+    "token_lo",
+    "gate_lo",
+    "gate_hi",
+    "rows",
+)
 _INT = ("seg_offsets", "seg_rank", "seg_adapter", "token_lo")
 _FLOAT = ("seg_scale", "gate_lo", "gate_hi")
 
@@ -27,18 +45,36 @@ def _host(name: str, value: Any, dtype: type) -> np.ndarray:
     return arr
 
 
+class SegmentArrays(Protocol):
+    """The metadata the kernels read, by the kernels' argument names (tensors or arrays):
+    :class:`KernelSegments` (a prefill forward) and :class:`DecodeSegments` (a decode step).
+
+    Per segment s: ``seg_offsets`` [S+1] (int32 token offsets), ``seg_rank``, ``seg_adapter``
+    (int32; adapter < 0: none), ``seg_scale`` (float32). Per planned token t: ``token_lo``
+    (int32), ``gate_lo``, ``gate_hi`` (float32), and ``rows`` (int32 row of x2 / y2, or None:
+    row t).
+    """
+
+    @property
+    def seg_offsets(self) -> Any: ...
+    @property
+    def seg_rank(self) -> Any: ...
+    @property
+    def seg_scale(self) -> Any: ...
+    @property
+    def seg_adapter(self) -> Any: ...
+    @property
+    def token_lo(self) -> Any: ...
+    @property
+    def gate_lo(self) -> Any: ...
+    @property
+    def gate_hi(self) -> Any: ...
+    @property
+    def rows(self) -> Any | None: ...
+
+
 def check_segments(
-    seg_offsets: Any,
-    seg_rank: Any,
-    seg_scale: Any,
-    seg_adapter: Any,
-    token_lo: Any,
-    gate_lo: Any,
-    gate_hi: Any,
-    *,
-    n_adapters: int,
-    rows: Any | None = None,
-    n_rows: int | None = None,
+    segments: SegmentArrays, *, n_adapters: int, n_rows: int | None = None
 ) -> dict[str, np.ndarray]:
     """Validates kernel metadata (tensors or arrays, on any device) and returns it as numpy.
 
@@ -47,11 +83,9 @@ def check_segments(
     (negative ids mean "no adapter"), non-finite gates or scales, rows outside [0, n_rows) or
     repeated. This synchronises with the device; the CUDA path never calls it by itself.
     """
-    out = {
-        n: _host(n, v, np.int32)
-        for n, v in zip(_INT, (seg_offsets, seg_rank, seg_adapter, token_lo), strict=True)
-    }
-    out |= {n: _host(n, v, np.float32) for n, v in zip(_FLOAT, (seg_scale, gate_lo, gate_hi), strict=True)}
+    out = {n: _host(n, getattr(segments, n), np.int32) for n in _INT}
+    out |= {n: _host(n, getattr(segments, n), np.float32) for n in _FLOAT}
+    rows = segments.rows
     n_seg, n_tok = len(out["seg_rank"]), len(out["token_lo"])
     for name, length in (("seg_offsets", n_seg + 1), ("seg_scale", n_seg), ("seg_adapter", n_seg)):
         if len(out[name]) != length:
@@ -96,7 +130,7 @@ class StepDecisions(Protocol):
 class KernelSegments:
     """The metadata of one forward on one device, named like the kernels' arguments.
 
-    ``lora_delta_cuda(x2, y2, factors, **segments.kwargs())`` (or ``lora_delta_reference``).
+    ``lora_delta_cuda(x2, y2, factors, segments)`` (or ``lora_delta_reference``).
     ``rows`` maps planned token t to its row of the flattened forward (None: row t).
     """
 
@@ -109,20 +143,6 @@ class KernelSegments:
     gate_hi: torch.Tensor
     rows: torch.Tensor | None
     n_rows: int
-
-    def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`lora_delta_cuda` / :func:`lora_delta_reference`."""
-        names = (
-            "seg_offsets",
-            "seg_rank",
-            "seg_scale",
-            "seg_adapter",
-            "token_lo",
-            "gate_lo",
-            "gate_hi",
-            "rows",
-        )
-        return {n: getattr(self, n) for n in names}
 
     @property
     def n_segments(self) -> int:
@@ -257,6 +277,7 @@ class DecodeSegments:
         self.gate_lo = self._dev[3].view(torch.float32)
         self.gate_hi = self._dev[4].view(torch.float32)
         self.seg_scale = self._dev[5].view(torch.float32)
+        self.rows: torch.Tensor | None = None  # x2's row i is sequence i
 
     def _adapters(self, adapters: Any) -> np.ndarray:
         a = np.asarray(adapters).reshape(-1)
@@ -274,8 +295,3 @@ class DecodeSegments:
         if adapters is not None:
             self._host[2] = self._adapters(adapters)
         self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
-
-    def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`lora_delta_cuda` for ``x2`` of ``batch_size`` rows."""
-        names = ("seg_offsets", "seg_rank", "seg_scale", "seg_adapter", "token_lo", "gate_lo", "gate_hi")
-        return {n: getattr(self, n) for n in names} | {"rows": None}

@@ -171,7 +171,7 @@ class ChunkwiseLinear(nn.Module):
         """The fused kernels: every adapter block at once, then the lora_B biases."""
         assert plan.segments is not None
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        kernels.lora_delta_cuda(x2, y2, self._lora_factors(), **plan.segments.kwargs())
+        kernels.lora_delta_cuda(x2, y2, self._lora_factors(), plan.segments)
         for block in plan.blocks:  # lora_B biases (lora_bias=True) apply at every rung
             lad = self._lad.get(block.adapter)
             if lad is None or lad.bias is None:
