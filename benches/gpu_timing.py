@@ -32,7 +32,7 @@ from typing import Any
 import chunkwise.kernels as K
 import numpy as np
 import torch
-from chunkwise.kernels import KernelSegments, LoraFactors
+from chunkwise.kernels import KernelSegments, LoraFactors, TokenArrays
 from chunkwise.nn.token_plan import TokenPlan
 
 LADDER = (0, 4, 8, 16, 32, 64)
@@ -121,7 +121,7 @@ def make_batch(
     scale = np.ones(n_tok, np.float32)
     rows = np.arange(n_tok)
     seg = KernelSegments.from_token_arrays(
-        token_rank, token_lo, gate_lo, gate_hi, scale, token_adapter, rows, n_tok, device
+        TokenArrays(token_rank, token_lo, gate_lo, gate_hi, scale, token_adapter, rows, n_tok), device
     )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     factors = []
@@ -175,10 +175,11 @@ def kernel_call(seg: KernelSegments, factors: LoraFactors, xs, ys, device: str) 
 def torch_padded_call(per_token, factors: LoraFactors, xs, ys, device, dtype) -> Callable[[int], None]:
     """ChunkwiseLinear's torch path: per adapter, ((x A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ at its max rank r."""
     n = len(per_token["token_rank"])
-    plan = TokenPlan.build(
+    tokens = TokenArrays(
         per_token["token_rank"], per_token["token_lo"], per_token["gate_lo"], per_token["gate_hi"],
-        per_token["scale"], per_token["token_adapter"], np.arange(n), n, device, dtype,
+        per_token["scale"], per_token["token_adapter"], np.arange(n), n,
     )  # fmt: skip
+    plan = TokenPlan.build(tokens, device, dtype)
 
     def run(i: int) -> None:
         x2, y2 = xs[i % len(xs)], ys[i % len(ys)]

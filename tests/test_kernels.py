@@ -171,14 +171,16 @@ def test_check_segments_names_the_bad_array(change, param):
 def test_segments_from_token_arrays_reproduce_the_plan():
     case = make_case("plan", torch.float32, seed=6)
     seg = K.KernelSegments.from_token_arrays(
-        case.token_rank,
-        case.token_lo,
-        case.gate_lo,
-        case.gate_hi,
-        case.token_scale,
-        case.token_adapter,
-        np.arange(len(case.token_rank)),
-        len(case.token_rank),
+        K.TokenArrays(
+            case.token_rank,
+            case.token_lo,
+            case.gate_lo,
+            case.gate_hi,
+            case.token_scale,
+            case.token_adapter,
+            np.arange(len(case.token_rank)),
+            len(case.token_rank),
+        )
     )
     assert seg.rows is None and seg.n_tokens == len(case.token_rank)
     off = seg.seg_offsets.numpy()

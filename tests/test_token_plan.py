@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from chunkwise.adapters.ladder import LadderModule
+from chunkwise.kernels import TokenArrays
 from chunkwise.nn import ChunkwiseLinear, DecodePlan, TokenPlan
 from torch import nn
 
@@ -79,7 +80,7 @@ def test_token_plan_paths_match_the_oracle(layout, crossfade):
         rows = np.array([0, 2, 3, 7, 8, 11])
         adapter = np.array([1, 0, 0, 2, 2, 1], np.int32)
     rank, lo, g_lo, g_hi, scale = decisions(len(rows), seed=5, crossfade=crossfade)
-    current["plan"] = TokenPlan.build(rank, lo, g_lo, g_hi, scale, adapter, rows, n_rows)
+    current["plan"] = TokenPlan.build(TokenArrays(rank, lo, g_lo, g_hi, scale, adapter, rows, n_rows))
     with torch.no_grad():
         got = layer(x)
         want = oracle(x, base, ladders, rank, lo, g_lo, g_hi, scale, adapter, rows)
@@ -89,14 +90,18 @@ def test_token_plan_paths_match_the_oracle(layout, crossfade):
 def test_uniform_blocks_need_no_gates_and_ramps_do():
     ones = np.ones(4, np.float32)
     r = np.full(4, 8, np.int32)
-    plain = TokenPlan.build(r, r, ones, ones, ones * 0.5, np.zeros(4, np.int32), np.arange(4), 4)
+    plain = TokenPlan.build(TokenArrays(r, r, ones, ones, ones * 0.5, np.zeros(4, np.int32), np.arange(4), 4))
     assert plain.blocks[0].gates is None and plain.blocks[0].scale == 0.5 and plain.blocks[0].rows is None
     lo = np.array([8, 8, 4, 8], np.int32)
-    ramp = TokenPlan.build(r, lo, ones, ones * 0.5, ones, np.zeros(4, np.int32), np.arange(4), 4)
+    ramp = TokenPlan.build(TokenArrays(r, lo, ones, ones * 0.5, ones, np.zeros(4, np.int32), np.arange(4), 4))
     assert ramp.blocks[0].gates is not None
-    two = TokenPlan.build(r, r, ones, ones, ones, np.array([0, 0, 1, 1], np.int32), np.arange(4), 4)
+    two = TokenPlan.build(
+        TokenArrays(r, r, ones, ones, ones, np.array([0, 0, 1, 1], np.int32), np.arange(4), 4)
+    )
     assert [b.span for b in two.blocks] == [(0, 2), (2, 4)]
-    mixed = TokenPlan.build(r, r, ones, ones, ones, np.array([0, 1, 0, 1], np.int32), np.arange(4), 4)
+    mixed = TokenPlan.build(
+        TokenArrays(r, r, ones, ones, ones, np.array([0, 1, 0, 1], np.int32), np.arange(4), 4)
+    )
     assert [b.span for b in mixed.blocks] == [None, None]
     assert [b.rows.tolist() for b in mixed.blocks] == [[0, 2], [1, 3]]
 
@@ -122,7 +127,7 @@ def test_decode_plan_reuses_its_buffers_and_matches_token_plan(adapters):
         with torch.no_grad():
             current["plan"] = plan
             got = layer(x)
-            current["plan"] = TokenPlan.build(*decided, ad, np.arange(len(ad)), len(ad))
+            current["plan"] = TokenPlan.build(TokenArrays(*decided, ad, np.arange(len(ad)), len(ad)))
             fresh = layer(x)
             want = oracle(x, base, ladders, *decided, ad, np.arange(len(ad)))
         torch.testing.assert_close(got, fresh, rtol=1e-6, atol=1e-6)
@@ -138,7 +143,7 @@ def test_layer_follows_to_and_keeps_no_stale_factors():
     ones = np.ones(3, np.float32)
     layer.double()
     current["plan"] = TokenPlan.build(
-        r, r, ones, ones, ones, np.zeros(3, np.int32), np.arange(3), 3, dtype=torch.float64
+        TokenArrays(r, r, ones, ones, ones, np.zeros(3, np.int32), np.arange(3), 3), dtype=torch.float64
     )
     with torch.no_grad():
         got = layer(x.double())

@@ -18,6 +18,7 @@ from .cuda import (
     KERNEL_NAMES,
     TILE_M,
     KernelError,
+    LaunchTuning,
     LoraFactors,
     NvrtcOutput,
     compile_options,
@@ -38,6 +39,7 @@ from .segments import (
     KernelSegments,
     SegmentArrays,
     StepDecisions,
+    TokenArrays,
     check_segments,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "ENV_VAR",
     "KERNEL_CONSTANTS",
     "KERNEL_NAMES",
+    "LaunchTuning",
     "TILE_M",
     "DecodeSegments",
     "KernelError",
@@ -55,6 +58,7 @@ __all__ = [
     "NvrtcOutput",
     "SegmentArrays",
     "StepDecisions",
+    "TokenArrays",
     "check_segments",
     "compile_options",
     "cuda_include_dirs",

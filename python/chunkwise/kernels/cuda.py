@@ -19,10 +19,10 @@ import os
 import sys
 import sysconfig
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -30,11 +30,16 @@ import torch
 from ..errors import ConfigError, InputError, KernelError
 from .segments import SegmentArrays
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "DTYPE_SUFFIX",
     "ENV_VAR",
     "KERNEL_NAMES",
     "KERNEL_CONSTANTS",
+    "LaunchTuning",
+    "check_tuning",
     "TILE_M",
     "kernel_defines",
     "KernelError",
@@ -444,22 +449,43 @@ def _input_split(ksplit: int | None, n_tok: int, n_seg: int, in_f: int, sms: int
     return _cdiv(in_f, k_split), k_split
 
 
+class LaunchTuning(TypedDict, total=False):
+    """How :func:`lora_delta_cuda` launches (every key optional).
+
+    ``ksplit``: splits of the input dimension in the shrink (None: enough blocks to fill the
+    device); ``mma``: tensor cores for float16/bfloat16 (None: on sm_80+); ``debug_poison``: fill
+    the float32 workspace with NaN first (ksplit 1 only), so that a workspace entry the shrink
+    failed to write shows up as NaN in ``y2`` (tests).
+    """
+
+    ksplit: int | None
+    mma: bool | None
+    debug_poison: bool
+
+
+def check_tuning(tuning: Mapping[str, object]) -> None:
+    """Refuses a tuning option :class:`LaunchTuning` does not know, naming it."""
+    unknown = sorted(set(tuning) - set(LaunchTuning.__annotations__))
+    if unknown:
+        raise InputError(f"{unknown[0]}: not a launch option (known: ksplit, mma, debug_poison)", unknown[0])
+
+
 def plan_launches(
     x2: torch.Tensor,
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
     segments: SegmentArrays,
     *,
-    ksplit: int | None = None,
-    mma: bool | None = None,
-    debug_poison: bool = False,
     sms: int,
     cc: tuple[int, int],
+    **tuning: Unpack[LaunchTuning],
 ) -> tuple[list[Launch], list[torch.Tensor]]:
     """Checks the arguments of :func:`lora_delta_cuda` (shapes, dtypes, devices; not values) and
     returns its launches and the workspaces they use (allocated here, on x2's device; keep them
     alive until the launches ran). ``sms`` and ``cc`` describe the device. No launch at all when
     there is nothing to do. The CPU emulator of the tests runs these same launches."""
+    check_tuning(tuning)
+    ksplit, mma, debug_poison = tuning.get("ksplit"), tuning.get("mma"), tuning.get("debug_poison", False)
     f = LoraFactors.coerce(factors)
     _check_activations(x2, y2)
     device = x2.device
@@ -525,10 +551,7 @@ def lora_delta_cuda(
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
     segments: SegmentArrays,
-    *,
-    ksplit: int | None = None,
-    mma: bool | None = None,
-    debug_poison: bool = False,
+    **tuning: Unpack[LaunchTuning],
 ) -> torch.Tensor:
     """Adds the segmented LoRA delta into ``y2`` in place with the CUDA kernels; returns ``y2``.
 
@@ -542,10 +565,7 @@ def lora_delta_cuda(
         factors: a :class:`LoraFactors` (or what builds one) of that dtype on that device.
         segments: the metadata (:class:`KernelSegments` or :class:`DecodeSegments`, on x2's
             device; see :class:`SegmentArrays` for the arrays and their dtypes).
-        ksplit: splits of the input dimension in the shrink (None: enough blocks to fill the
-            device); mma: tensor cores for float16/bfloat16 (None: on sm_80+).
-        debug_poison: fill the float32 workspace with NaN first (ksplit 1 only), so that a
-            workspace entry the shrink failed to write shows up as NaN in ``y2`` (tests).
+        tuning: ``ksplit``, ``mma``, ``debug_poison`` (see :class:`LaunchTuning`).
 
     Everything is launched on torch's current stream, without copies or host synchronisation.
     Metadata values are not checked here (that would synchronise): see
@@ -556,9 +576,7 @@ def lora_delta_cuda(
         raise InputError("x2: must be a CUDA tensor (the torch path serves the CPU)", "x2")
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     sms, cc = _device_props(index)
-    launches, keep = plan_launches(
-        x2, y2, factors, segments, ksplit=ksplit, mma=mma, debug_poison=debug_poison, sms=sms, cc=cc
-    )
+    launches, keep = plan_launches(x2, y2, factors, segments, sms=sms, cc=cc, **tuning)
     if not launches:
         return y2
     fns = _functions(index)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import InputError
-from .cuda import LoraFactors
+from .cuda import LaunchTuning, LoraFactors, check_tuning
 from .segments import SegmentArrays, check_segments
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["lora_delta_reference"]
 
@@ -19,10 +23,7 @@ def lora_delta_reference(
     y2: torch.Tensor,
     factors: LoraFactors | Sequence[tuple[torch.Tensor, torch.Tensor] | None],
     segments: SegmentArrays,
-    *,
-    ksplit: int | None = None,
-    mma: bool | None = None,
-    debug_poison: bool = False,
+    **tuning: Unpack[LaunchTuning],
 ) -> torch.Tensor:
     """What :func:`~chunkwise.kernels.lora_delta_cuda` computes, in float64 on the CPU.
 
@@ -32,7 +33,7 @@ def lora_delta_reference(
     (:func:`~chunkwise.kernels.check_segments`). The tuning arguments of the CUDA path
     (``ksplit``, ``mma``, ``debug_poison``) are accepted and have no effect here.
     """
-    del ksplit, mma, debug_poison
+    check_tuning(tuning)  # accepted like the CUDA path's, and without effect here
     f = LoraFactors.coerce(factors)
     if x2.dim() != 2 or y2.dim() != 2 or x2.shape[0] != y2.shape[0]:
         raise ValueError(f"x2 {tuple(x2.shape)} and y2 {tuple(y2.shape)} must be 2-d with equal rows")

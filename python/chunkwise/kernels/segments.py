@@ -18,6 +18,7 @@ __all__ = [
     "KernelSegments",
     "SegmentArrays",
     "StepDecisions",
+    "TokenArrays",
     "check_segments",
 ]
 
@@ -116,6 +117,31 @@ def check_segments(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenArrays:
+    """Per planned token of one forward (host arrays, one entry per token): the rank it runs at,
+    its cross-fade band (``lo``, ``gate_lo``, ``gate_hi``), its rung ``scale``, its ``adapter``
+    and its row of the flattened forward input of ``n_rows`` rows. What both the torch path
+    (:class:`chunkwise.nn.TokenPlan`) and the kernels (:class:`KernelSegments`) are built from.
+    """
+
+    rank: np.ndarray
+    lo: np.ndarray
+    gate_lo: np.ndarray
+    gate_hi: np.ndarray
+    scale: np.ndarray
+    adapter: np.ndarray
+    rows: np.ndarray
+    n_rows: int
+
+    def __post_init__(self) -> None:
+        n = len(self.rank)
+        names = ("lo", "gate_lo", "gate_hi", "scale", "adapter", "rows")
+        bad = [name for name in names if len(getattr(self, name)) != n]
+        if bad:
+            raise InputError(f"{bad[0]}: must have one entry per planned token ({n})", bad[0])
+
+
 class StepDecisions(Protocol):
     """What a decode step decided per sequence (a :class:`chunkwise.DecodeBatch` has these)."""
 
@@ -183,26 +209,13 @@ class KernelSegments:
         return cls(iv[0], iv[1], fv[0], iv[2], iv[3], fv[1], fv[2], None if identity else iv[4], int(n_rows))
 
     @classmethod
-    def from_token_arrays(
-        cls,
-        token_rank: np.ndarray,
-        token_lo: np.ndarray,
-        gate_lo: np.ndarray,
-        gate_hi: np.ndarray,
-        scale: np.ndarray,
-        token_adapter: np.ndarray,
-        rows: np.ndarray,
-        n_rows: int,
-        device: Any = "cpu",
-    ) -> KernelSegments:
-        """Segments from per-token arrays (the arguments of ``TokenPlan.build``): maximal runs of
-        tokens with equal rank, adapter and scale. Token i sits at row ``rows[i]``."""
-        rank = np.asarray(token_rank, np.int32).reshape(-1)
-        adapter = np.asarray(token_adapter, np.int32).reshape(-1)
-        sc = np.asarray(scale, np.float32).reshape(-1)
+    def from_token_arrays(cls, tokens: TokenArrays, device: Any = "cpu") -> KernelSegments:
+        """Segments from per-token arrays: maximal runs of tokens with equal rank, adapter and
+        scale. Token i sits at row ``tokens.rows[i]``."""
+        rank = np.asarray(tokens.rank, np.int32).reshape(-1)
+        adapter = np.asarray(tokens.adapter, np.int32).reshape(-1)
+        sc = np.asarray(tokens.scale, np.float32).reshape(-1)
         n = len(rank)
-        if not (len(adapter) == len(sc) == len(token_lo) == len(gate_lo) == len(gate_hi) == len(rows) == n):
-            raise InputError("token arrays: must all have one entry per planned token", "token_rank")
         change = (
             np.flatnonzero((rank[1:] != rank[:-1]) | (adapter[1:] != adapter[:-1]) | (sc[1:] != sc[:-1])) + 1
         )
@@ -213,11 +226,11 @@ class KernelSegments:
             seg_rank=rank[starts],
             seg_scale=sc[starts],
             seg_adapter=adapter[starts],
-            token_lo=np.asarray(token_lo, np.int32),
-            gate_lo=np.asarray(gate_lo, np.float32),
-            gate_hi=np.asarray(gate_hi, np.float32),
-            rows=np.asarray(rows),
-            n_rows=n_rows,
+            token_lo=np.asarray(tokens.lo, np.int32),
+            gate_lo=np.asarray(tokens.gate_lo, np.float32),
+            gate_hi=np.asarray(tokens.gate_hi, np.float32),
+            rows=np.asarray(tokens.rows),
+            n_rows=tokens.n_rows,
             device=device,
         )
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..kernels.segments import DecodeSegments, StepDecisions
+from ..kernels.segments import DecodeSegments, StepDecisions, TokenArrays
 
 if TYPE_CHECKING:
     from ..kernels import KernelSegments
@@ -101,20 +101,12 @@ class TokenPlan:
 
     @classmethod
     def build(
-        cls,
-        token_rank: np.ndarray,
-        token_lo: np.ndarray,
-        gate_lo: np.ndarray,
-        gate_hi: np.ndarray,
-        scale: np.ndarray,
-        token_adapter: np.ndarray,
-        rows: np.ndarray,
-        n_rows: int,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        cls, tokens: TokenArrays, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> TokenPlan:
-        """Builds the blocks. ``rows[i]`` is the row of planned token i in the flattened forward
-        input of ``n_rows`` rows (rows with no planned token get no adapter)."""
+        """Builds the blocks. ``tokens.rows[i]`` is the row of planned token i in the flattened
+        forward input of ``tokens.n_rows`` rows (rows with no planned token get no adapter)."""
+        token_rank, token_lo, gate_lo, gate_hi = tokens.rank, tokens.lo, tokens.gate_lo, tokens.gate_hi
+        scale, token_adapter, rows, n_rows = tokens.scale, tokens.adapter, tokens.rows, tokens.n_rows
         full = len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))
         blocks = []
         for adapter in np.unique(token_adapter):
@@ -143,9 +135,7 @@ class TokenPlan:
         if torch.device(device).type == "cuda":
             from ..kernels import KernelSegments
 
-            segments = KernelSegments.from_token_arrays(
-                token_rank, token_lo, gate_lo, gate_hi, scale, token_adapter, rows, n_rows, device
-            )
+            segments = KernelSegments.from_token_arrays(tokens, device)
         return cls(n_rows, blocks, segments)
 
     @classmethod
@@ -186,18 +176,10 @@ class TokenPlan:
         if adapters is not None:
             adapter_of_seq = np.asarray(adapters, dtype=np.int32)
         token_adapter = np.repeat(adapter_of_seq, lengths)
-        return cls.build(
-            plan.token_rank,
-            plan.token_lo,
-            plan.gate_lo,
-            plan.gate_hi,
-            scale,
-            token_adapter,
-            rows,
-            b * t,
-            device,
-            dtype,
+        tokens = TokenArrays(
+            plan.token_rank, plan.token_lo, plan.gate_lo, plan.gate_hi, scale, token_adapter, rows, b * t
         )
+        return cls.build(tokens, device, dtype)
 
     @classmethod
     def uniform(
@@ -211,7 +193,8 @@ class TokenPlan:
         """Every row at one rank (e.g. the top rung: what PEFT computes)."""
         ones = np.ones(n_rows, np.float32)
         r = np.full(n_rows, rank, np.int32)
-        return cls.build(r, r, ones, ones, ones, adapters_per_row, np.arange(n_rows), n_rows, device, dtype)
+        tokens = TokenArrays(r, r, ones, ones, ones, adapters_per_row, np.arange(n_rows), n_rows)
+        return cls.build(tokens, device, dtype)
 
 
 class DecodePlan:
