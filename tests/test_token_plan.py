@@ -150,3 +150,40 @@ def test_layer_follows_to_and_keeps_no_stale_factors():
     assert got.dtype == torch.float64
     want = oracle(x.double(), base.double(), ladders, r, r, ones, ones, ones, np.zeros(3), np.arange(3))
     torch.testing.assert_close(got, want)
+
+
+def test_long_runs_of_one_rank_get_their_own_blocks_and_match_the_oracle():
+    ladders = {0: ladder(1), 1: ladder(2, rank=6, bias=True)}
+    base, layer, current = layer_with(ladders)
+    n = 200
+    rank = np.array([8] * 40 + [2] * 3 + [4] * 57 + [8] * 100, np.int32)
+    lo = rank.copy()
+    lo[40:44] = 2  # a cross-fade after the first change
+    g_lo, g_hi, scale = np.ones(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
+    g_hi[40:44] = np.linspace(0.8, 0.2, 4)
+    adapter = np.array([0] * 100 + [1] * 100, np.int32)
+    tokens = TokenArrays(rank, lo, g_lo, g_hi, scale, adapter, np.arange(n), n)
+    plan = TokenPlan.build(tokens)
+    spans = [(b.adapter, b.span, b.max_rank) for b in plan.blocks]
+    # the 3 tokens at rank 2 are too few for a block: they run with the rank-8 run before them
+    assert spans == [(0, (0, 43), 8), (0, (43, 100), 4), (1, (100, 200), 8)]
+    x = torch.randn(n, IN, generator=torch.Generator().manual_seed(3))
+    current["plan"] = plan
+    with torch.no_grad():
+        got = layer(x)
+    want = oracle(x, base, ladders, rank, lo, g_lo, g_hi, scale, adapter, np.arange(n))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def testrank_runs_cover_everything_and_only_merge_short_runs(seed):
+    from chunkwise.nn.token_plan import MIN_RUN, rank_runs
+
+    rng = np.random.default_rng(seed)
+    rank = np.repeat(rng.choice([0, 4, 8, 16], 12), rng.integers(1, 60, 12))
+    runs = rank_runs(rank)
+    assert runs[0][0] == 0 and runs[-1][1] == len(rank)
+    assert all(a[1] == b[0] for a, b in zip(runs[:-1], runs[1:], strict=False))
+    assert all(hi - lo >= MIN_RUN for lo, hi in runs[:-1])  # only the last may be short
+    for lo, _hi in runs:  # a boundary is only ever placed where the rank changes
+        assert lo == 0 or rank[lo] != rank[lo - 1]

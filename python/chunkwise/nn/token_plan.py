@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..kernels import KernelSegments
     from ..schedule import Plan
 
-__all__ = ["AdapterBlock", "DecodePlan", "TokenPlan"]
+__all__ = ["MIN_RUN", "AdapterBlock", "DecodePlan", "TokenPlan", "rank_runs"]
 
 
 @dataclasses.dataclass
@@ -90,6 +90,28 @@ def _uniform(
     return None
 
 
+#: Shortest run of tokens that gets a block of its own when a block's rows are consecutive:
+#: shorter runs join a neighbour and run at the larger rank (a block costs a few small ops per
+#: module; below ~32 tokens they cost more than the rank they save on this CPU).
+MIN_RUN = 32
+
+
+def rank_runs(rank: np.ndarray, min_run: int = MIN_RUN) -> list[tuple[int, int]]:
+    """``[start, stop)`` runs of equal rank, runs shorter than ``min_run`` merged into a
+    neighbour (left to right), covering ``range(len(rank))``."""
+    if rank.size == 0:
+        return [(0, 0)]
+    cuts = np.flatnonzero(rank[1:] != rank[:-1]) + 1
+    bounds = [0, *cuts.tolist(), len(rank)]
+    runs: list[tuple[int, int]] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if runs and (runs[-1][1] - runs[-1][0] < min_run or hi - lo < min_run):
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
 @dataclasses.dataclass
 class TokenPlan:
     """What every adapted layer applies in one forward: ``n_tokens`` rows of the flattened input."""
@@ -110,27 +132,28 @@ class TokenPlan:
         full = len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))
         blocks = []
         for adapter in np.unique(token_adapter):
-            sel = token_adapter == adapter
-            rank, lo = token_rank[sel].astype(np.int64), token_lo[sel]
-            g_lo, g_hi, sc = gate_lo[sel], gate_hi[sel], scale[sel]
-            r_max = int(rank.max()) if rank.size else 0
-            common = _uniform(rank, lo, g_lo, g_hi, sc)
-            gates = None
-            if common is None:
-                g = _gate_matrix(rank, lo, g_lo, g_hi, sc, r_max)
-                gates = torch.from_numpy(g).to(device=device, dtype=dtype)
+            sel = np.flatnonzero(token_adapter == adapter)
             mine = rows[sel]
-            everyone = full and bool(sel.all())
-            blocks.append(
-                AdapterBlock(
-                    int(adapter),
-                    None if everyone else torch.from_numpy(mine.astype(np.int64)).to(device),
-                    gates,
-                    r_max,
-                    None if everyone else _span(mine),
-                    1.0 if common is None else common,
+            everyone = full and len(sel) == n_rows
+            span = (0, n_rows) if everyone else _span(mine)
+            # consecutive rows: one block per run of similar rank (views, no wasted rank);
+            # scattered rows: one gathered block
+            runs = rank_runs(token_rank[sel]) if span is not None else [(0, len(sel))]
+            for start, stop in runs:
+                idx = sel[start:stop]
+                whole = everyone and len(runs) == 1
+                sub = None if whole or span is None else (span[0] + start, span[0] + stop)
+                index = None if whole else torch.from_numpy(rows[idx].astype(np.int64)).to(device)
+                rank = token_rank[idx].astype(np.int64)
+                parts = (rank, token_lo[idx], gate_lo[idx], gate_hi[idx], scale[idx])
+                r_max = int(rank.max()) if rank.size else 0
+                common = _uniform(*parts)
+                gates = None
+                if common is None:
+                    gates = torch.from_numpy(_gate_matrix(*parts, r_max)).to(device=device, dtype=dtype)
+                blocks.append(
+                    AdapterBlock(int(adapter), index, gates, r_max, sub, 1.0 if common is None else common)
                 )
-            )
         segments = None
         if torch.device(device).type == "cuda":
             from ..kernels import KernelSegments
