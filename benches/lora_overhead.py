@@ -4,6 +4,10 @@
 SmolLM2-135M (fp32, CPU) with random r=64 all-linear adapters and the scheduler at mean rank 32
 (target mode), rounds interleaved in one process (ratios from one run are what counts):
 
+Two chunkwise rows: the scheduler in target mode (mean rank 32 in prefill; decode follows the
+thresholds of the prompt with hysteresis, so its mean rank is whatever the text asks for and is
+printed), and ``chunkwise_r32``: every token at rank 32, the cost of exactly that rank.
+
 - **S1**: one adapter, batch 1, a 256-token prompt: prefill ms and decode ms/token of base,
   merged, PEFT unmerged and chunkwise.
 - **S2**: eight adapters, batch 8 (one adapter per row), 64-token prompts: prefill and decode of
@@ -61,7 +65,7 @@ def _run(model: Any, ids: torch.Tensor, new: int, **options: Any) -> tuple[float
     """(prefill ms, decode ms per token, new tokens) of one greedy generation; a ChunkwiseModel's
     mean prefill and decode ranks are kept in MEAN_RANKS."""
     out = cw.generate(model, ids, torch.ones_like(ids), max_new_tokens=new, prefill_chunk=None, **options)
-    if isinstance(model, cw.ChunkwiseModel):
+    if isinstance(model, cw.ChunkwiseModel) and len(model.scheduler.config.rungs) > 2:
         MEAN_RANKS["prefill"] = float(out.prefill_token_ranks.mean())
         MEAN_RANKS["decode"] = float(out.ranks[:, :-1].mean())  # the last token is never run
     return 1e3 * out.prefill_seconds, 1e3 * out.decode_seconds / max(new - 1, 1), out.new_tokens
@@ -98,13 +102,20 @@ def _scheduler(top: int) -> cw.Scheduler:
     return cw.Scheduler(cw.SchedulerConfig(rungs=rungs_for(top), mode="target", target_mean_rank=top / 2))
 
 
+def _fixed(rank: int) -> cw.Scheduler:
+    """Every token at ``rank`` (prefill and decode): the cost of that rank, whatever the text."""
+    return cw.Scheduler(cw.SchedulerConfig(rungs=(0, rank), thresholds=(-1.0,), crossfade=0))
+
+
 def s1(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
     from peft import PeftModel
 
     adapter = random_adapter(base, 64, tmp / "s1")
     peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
-    cwm = cw.inject(copy.deepcopy(base), cw.RankLadder.from_peft(adapter), _scheduler(64))
+    ladder = cw.RankLadder.from_peft(adapter)
+    cwm = cw.inject(copy.deepcopy(base), ladder, _scheduler(64))
+    fixed = cw.inject(copy.deepcopy(base), ladder, _fixed(32))
     ids = _prompt(tok, 256, 1)
     res = _interleaved(
         {
@@ -112,6 +123,7 @@ def s1(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
             "merged": lambda: _run(merged, ids, new),
             "peft": lambda: _run(peft, ids, new),
             "chunkwise": lambda: _run(cwm, ids, new),
+            "chunkwise_r32": lambda: _run(fixed, ids, new),
         },
         rounds,
     )
@@ -129,6 +141,7 @@ def s2(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
     mixed = _MixedBatch(peft, names).eval()
     ladders = [cw.RankLadder.from_peft(p) for p in paths]
     cwm = cw.inject(copy.deepcopy(base), ladders, _scheduler(64))
+    fixed = cw.inject(copy.deepcopy(base), ladders, _fixed(32))
     ids = _prompt(tok, 64, 8)
     rows = list(range(8))
     res = _interleaved(
@@ -136,6 +149,7 @@ def s2(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
             "base": lambda: _run(base, ids, new),
             "peft_mixed": lambda: _run(mixed, ids, new),
             "chunkwise": lambda: _run(cwm, ids, new, adapters=rows),
+            "chunkwise_r32": lambda: _run(fixed, ids, new, adapters=rows),
         },
         rounds,
     )
@@ -153,10 +167,10 @@ def _summary(res: dict, floor: str, reference: str) -> dict:
         }
     for phase, key in (("prefill", "prefill_ms"), ("decode", "decode_ms")):
         over_ref = res[reference][key] - res[floor][key]
-        over_cw = res["chunkwise"][key] - res[floor][key]
-        out[f"{phase}_overhead_ratio_chunkwise_vs_{reference}"] = (
-            round(over_cw / over_ref, 3) if over_ref else None
-        )
+        for mine in ("chunkwise", "chunkwise_r32"):
+            over = res[mine][key] - res[floor][key]
+            ratio = round(over / over_ref, 3) if over_ref else None
+            out[f"{phase}_overhead_ratio_{mine}_vs_{reference}"] = ratio
     out["chunkwise_mean_rank"] = {k: round(v, 2) for k, v in MEAN_RANKS.items()}
     out["greedy_token_agreement_chunkwise_vs_" + reference] = _agreement(
         res["chunkwise"]["tokens"], res[reference]["tokens"]
