@@ -187,3 +187,20 @@ def testrank_runs_cover_everything_and_only_merge_short_runs(seed):
     assert all(hi - lo >= MIN_RUN for lo, hi in runs[:-1])  # only the last may be short
     for lo, _hi in runs:  # a boundary is only ever placed where the rank changes
         assert lo == 0 or rank[lo] != rank[lo - 1]
+
+
+def test_activations_of_another_dtype_than_the_factors_take_the_slow_path():
+    ladders = {0: ladder(1)}
+    base, layer, current = layer_with(ladders)
+    r = np.full(3, R, np.int32)
+    ones = np.ones(3, np.float32)
+    current["plan"] = TokenPlan.build(
+        TokenArrays(r, r, ones, ones, ones, np.zeros(3, np.int32), np.arange(3), 3)
+    )
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        want = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # base output bf16, factors float32
+            got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)

@@ -122,16 +122,26 @@ class ChunkwiseLinear(nn.Module):
                 "plan",
             )
         y2 = y.view(-1, self.out_features)
-        if plan.segments is not None and kernels.use_cuda_kernels(x2) and x2.dtype == y2.dtype:
-            self._cuda_delta(x2, y2, plan)
+        dtype = next(iter(self._lad.values())).a.dtype  # the base weight's
+        if x2.dtype == y2.dtype == dtype:
+            if plan.segments is not None and kernels.use_cuda_kernels(x2):
+                self._cuda_delta(x2, y2, plan)
+            else:
+                self._deltas(x2, y2, plan)
             return y
-        if x2.dtype != y2.dtype:
-            x2 = x2.to(y2.dtype)
+        # activations of another dtype (autocast): the delta in the factors' dtype, added once
+        out = torch.zeros_like(y2, dtype=dtype)
+        with torch.autocast(x2.device.type, enabled=False):
+            self._deltas(x2.to(dtype), out, plan)
+        y2.add_(out.to(y2.dtype))
+        return y
+
+    def _deltas(self, x2: torch.Tensor, y2: torch.Tensor, plan: TokenPlan) -> None:
+        """The torch path: every adapter block of the plan into ``y2``."""
         for block in plan.blocks:
             lad = self._lad.get(block.adapter)
             if lad is not None:
                 self._block_delta(x2, y2, block, lad)
-        return y
 
     @staticmethod
     def _block_delta(x2: torch.Tensor, y2: torch.Tensor, block: AdapterBlock, lad: _Factors) -> None:
