@@ -74,6 +74,7 @@ class ChunkwiseLinear(nn.Module):
         self.in_features, self.out_features = shape
         self._plan_source = plan_source
         self._lad: dict[int, _Factors] = {}
+        self._dtype: torch.dtype | None = None  # of every factor: the base weight's
         self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
 
     def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
@@ -87,6 +88,7 @@ class ChunkwiseLinear(nn.Module):
         self.register_buffer(f"ladder_b_{adapter}", b, persistent=False)
         self.register_buffer(f"ladder_bias_{adapter}", bias, persistent=False)
         self._lad[adapter] = _Factors(a, b, bias, ladder.rank)
+        self._dtype = w.dtype
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()`` / ``.half()`` / ...: the buffers move, and the plain references follow."""
@@ -97,6 +99,7 @@ class ChunkwiseLinear(nn.Module):
                 buffers[f"ladder_a_{i}"], buffers[f"ladder_b_{i}"], buffers.get(f"ladder_bias_{i}"), lad.rank
             )
         self._factors = None
+        self._dtype = next(iter(self._lad.values())).a.dtype if self._lad else None
         return out
 
     def _lora_factors(self) -> kernels.LoraFactors:
@@ -112,7 +115,8 @@ class ChunkwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         plan = self._plan_source()
-        if plan is None or not self._lad:
+        dtype = self._dtype
+        if plan is None or dtype is None:
             return y
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] != plan.n_tokens:
@@ -122,7 +126,6 @@ class ChunkwiseLinear(nn.Module):
                 "plan",
             )
         y2 = y.view(-1, self.out_features)
-        dtype = next(iter(self._lad.values())).a.dtype  # the base weight's
         if x2.dtype == y2.dtype == dtype:
             if plan.segments is not None and kernels.use_cuda_kernels(x2):
                 self._cuda_delta(x2, y2, plan)
