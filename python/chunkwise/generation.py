@@ -236,8 +236,14 @@ class Generation:
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
             ent, sur = torch_entropy_surprisal(logits, tok)
             assert sur is not None  # token ids were given
-            ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
-            tok_np = tok.cpu().numpy().astype(np.int64)  # one host copy per step
+            # one host copy (one synchronisation on a GPU) per step: signals and tokens together;
+            # float32 holds every token id below 2^24 exactly
+            if logits.shape[-1] <= 1 << 24:
+                host = torch.stack([ent.float(), sur.float(), tok.float()]).cpu().numpy()
+                ent_np, sur_np, tok_np = host[0], host[1], host[2].astype(np.int64)
+            else:
+                ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
+                tok_np = tok.cpu().numpy().astype(np.int64)
             tp = None
             if decoder is not None:
                 decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
