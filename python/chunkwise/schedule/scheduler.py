@@ -60,9 +60,12 @@ def _flat(name: str, value: Any, dtype: type, lengths: np.ndarray | None) -> tup
         parts = []
         for i, part in enumerate(value):
             part = _as_numpy(part, name)
-            if isinstance(part, np.ndarray) and part.dtype != want:
-                raise InputError(f"{name}[{i}]: must have dtype {want}, got {part.dtype}", name)
-            arr = _checked_array(f"{name}[{i}]", part, want, param=name)
+            if isinstance(part, np.ndarray):
+                if part.dtype != want:
+                    raise InputError(f"{name}[{i}]: must have dtype {want}, got {part.dtype}", name)
+                arr = part  # already the dtype: every value fits, nothing to check or convert
+            else:
+                arr = _checked_array(f"{name}[{i}]", part, want, param=name)
             if arr.ndim != 1:
                 raise InputError(f"{name}[{i}]: must be 1-d, got {arr.ndim}-d", name)
             parts.append(arr)

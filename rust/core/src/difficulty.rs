@@ -104,7 +104,7 @@ impl DifficultyState {
             add_column(&mut num, w[3], rare.into_iter());
         }
         if let Some(nv) = self.novelty.as_mut() {
-            add_column(&mut num, w[4], ids.iter().map(|&id| nv.push(id)));
+            add_column(&mut num, w[4], nv.push_all(ids).into_iter());
         }
         // The prior advances once per token even when its weight is 0 (decode does the same).
         let prior = &mut self.prior;

@@ -260,32 +260,68 @@ impl NoveltyTracker {
 
     /// Feeds the next token; returns 1.0 if its n-gram is novel in the window, else 0.0.
     pub fn push(&mut self, id: i64) -> f32 {
-        let t = self.pos;
-        if t == self.epoch_end {
-            std::mem::swap(&mut self.cur, &mut self.prev);
-            self.cur.clear();
-            self.epoch_end += self.window;
-        }
+        self.remember(id);
+        let len = self.n.min(self.pos + 1);
+        // Before the ring has wrapped the ids sit at 0..=t; after, the oldest is at `head`.
+        let start = if len == self.n { self.head } else { 0 };
+        let h = gram_hash((0..len).map(|age| {
+            let k = start + age;
+            self.recent[if k >= self.n { k - self.n } else { k }]
+        }));
+        self.observe(h)
+    }
+
+    /// Feeds a run of tokens: the same values as `push` one by one, bit for bit. All n-gram
+    /// hashes are computed first (independent of each other, so they overlap in the pipeline),
+    /// then looked up in order: about twice as fast as `push` on a prefill sequence.
+    pub fn push_all(&mut self, ids: &[i64]) -> Vec<f32> {
+        // The ids before this run that its first n-grams reach back to, oldest first.
+        let seen = (self.n - 1).min(self.pos);
+        let mut ctx: Vec<i64> = (0..seen)
+            .map(|age| {
+                // `head` is where the next id goes: the id of age a (a = 1 newest) before it
+                let back = seen - age;
+                self.recent[(self.head + self.n - back) % self.n]
+            })
+            .collect();
+        ctx.extend_from_slice(ids);
+        let hashes: Vec<u64> = (0..ids.len())
+            .map(|i| {
+                let end = seen + i + 1;
+                let len = self.n.min(self.pos + i + 1);
+                gram_hash(ctx[end - len..end].iter().copied())
+            })
+            .collect();
+        hashes
+            .iter()
+            .zip(ids)
+            .map(|(&h, &id)| {
+                self.remember(id);
+                self.observe(h)
+            })
+            .collect()
+    }
+
+    /// Puts `id` into the ring of the last n ids.
+    #[inline(always)]
+    fn remember(&mut self, id: i64) {
         self.recent[self.head] = id;
         self.head = if self.head + 1 == self.n {
             0
         } else {
             self.head + 1
         };
-        let len = self.n.min(t + 1);
-        // Before the ring has wrapped the ids sit at 0..=t; after, the oldest is at `head`.
-        let start = if len == self.n { self.head } else { 0 };
-        // Each id is mixed with its age independently of the others (no serial chain between
-        // them, so the mixes overlap in the pipeline), then the sum is mixed once more.
-        let mut acc = mix(len as u64);
-        for age in 0..len {
-            let k = start + age;
-            let k = if k >= self.n { k - self.n } else { k };
-            let salted =
-                (self.recent[k] as u64) ^ (age as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            acc = acc.wrapping_add(mix(salted));
+    }
+
+    /// Records the n-gram hash `h` at the current position and says whether it was novel.
+    #[inline(always)]
+    fn observe(&mut self, h: u64) -> f32 {
+        let t = self.pos;
+        if t == self.epoch_end {
+            std::mem::swap(&mut self.cur, &mut self.prev);
+            self.cur.clear();
+            self.epoch_end += self.window;
         }
-        let h = mix(acc);
         self.pos += 1;
         // An occurrence in this epoch is always within the window.
         if self.cur.insert(h, t).is_some() {
@@ -296,6 +332,19 @@ impl NoveltyTracker {
             _ => 1.0,
         }
     }
+}
+
+/// Hash of an n-gram given oldest id first: each id is mixed with its age independently of the
+/// others (no serial chain between them, so the mixes overlap in the pipeline), then the sum is
+/// mixed once more.
+#[inline(always)]
+fn gram_hash(ids: impl ExactSizeIterator<Item = i64>) -> u64 {
+    let mut acc = mix(ids.len() as u64);
+    for (age, id) in ids.enumerate() {
+        let salted = (id as u64) ^ (age as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        acc = acc.wrapping_add(mix(salted));
+    }
+    mix(acc)
 }
 
 /// Open-addressing table of n-gram hash -> last position, for at most `window` entries per
@@ -386,6 +435,38 @@ mod tests {
                 .param(),
             "token_ids"
         );
+    }
+
+    #[test]
+    fn push_all_matches_push_bit_for_bit() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let ids: Vec<i64> = (0..3000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 7) as i64 // a small vocabulary, so n-grams repeat
+            })
+            .collect();
+        for n in [1, 2, 3, 5, 16] {
+            for window in [1, 3, 64, 1000] {
+                let mut one = NoveltyTracker::new(n, window);
+                let want: Vec<f32> = ids.iter().map(|&i| one.push(i)).collect();
+                // runs of every shape, with single pushes in between: the state carries over
+                let mut many = NoveltyTracker::new(n, window);
+                let mut got = many.push_all(&ids[..1]);
+                got.push(many.push(ids[1]));
+                got.extend(many.push_all(&ids[2..2]));
+                got.extend(many.push_all(&ids[2..4]));
+                got.extend(many.push_all(&ids[4..1500]));
+                got.push(many.push(ids[1500]));
+                got.extend(many.push_all(&ids[1501..]));
+                assert_eq!(got, want, "n={n} window={window}");
+                if n <= 2 {
+                    assert!(want.contains(&0.0) && want.contains(&1.0));
+                }
+            }
+        }
     }
 
     #[test]
