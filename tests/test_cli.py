@@ -70,7 +70,38 @@ def test_demo_runs_the_real_model_against_peft():
     assert out.returncode == 0, out.stderr[-2000:]
     for needle in ("planned from the model's own uncertainty", "tokens per rung", "[r", "PEFT", "agree with"):
         assert needle in out.stdout
+    assert "same KV cache" in out.stdout
+    assert "was not slower and allocated no more" in out.stdout or "% of the model's work" in out.stdout
     assert "Traceback" not in out.stderr
+    assert "USDT" not in out.stderr and "profiler_st" not in out.stderr  # no profiler chatter
+
+
+def test_the_demo_verdict_says_why_where_chunkwise_did_not_win():
+    from chunkwise.cli.demo import SLOWER, verdict
+
+    even = verdict({"chunkwise": 1.0, "peft": 1.0}, {"chunkwise": 4.0, "peft": 4.0}, 0.01)
+    assert even.startswith("chunkwise was not slower")
+    slow = verdict({"chunkwise": 1.0 + 2 * SLOWER, "peft": 1.0}, {"chunkwise": 4.0, "peft": 4.0}, 0.012)
+    assert "chunkwise slower here" in slow and "1.2 % of the model's work" in slow
+    big = verdict({"chunkwise": 1.0, "peft": 1.0}, {"chunkwise": 5.0, "peft": 4.0}, 0.01)
+    assert "chunkwise allocated more here" in big
+    assert verdict({"chunkwise": 1.0, "peft": 1.0}, {"chunkwise": None, "peft": 4.0}, 0.01) == even
+
+
+def test_lora_share_counts_each_adapted_layer_once(tmp_path):
+    import chunkwise as cw
+    from chunkwise.cli.demo import lora_share
+    from torch import nn
+
+    from tests.support.peft_helpers import make_adapter, tiny_model
+
+    base = tiny_model("llama")
+    make_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
+    cwm = cw.inject(base, cw.RankLadder.from_peft(tmp_path / "a"))
+    weights = sum(m.in_features * m.out_features for m in base.modules() if isinstance(m, nn.Linear))
+    q, down = base.model.layers[0].self_attn.q_proj, base.model.layers[0].mlp.down_proj
+    lora = 2 * 8 * ((q.in_features + q.out_features) + (down.in_features + down.out_features))
+    assert lora_share(cwm, 8) == pytest.approx(lora / (lora + weights))
 
 
 def test_a_missing_extra_is_named(monkeypatch, capsys):

@@ -170,10 +170,13 @@ def test_bad_prompts():
 
 
 def test_prefill_difficulty_in_the_cache_is_the_predicting_entropy():
-    """A plain model's chunked prefill books token t with the entropy of the logits at t - 1."""
+    """A plain model's chunked prefill books token t with the entropy of the logits at t - 1,
+    under a policy that ranks by difficulty (other policies never read it, and the prompt's
+    vocabulary projection is skipped)."""
     model = tiny_model("llama", max_position_embeddings=256)
     ids = torch.randint(3, VOCAB, (2, 11))
-    out = cw.generate(model, ids, max_new_tokens=2, prefill_chunk=3)
+    policy = KvPolicy(budget=64, difficulty_weight=1.0)  # nothing evicted: columns stay put
+    out = cw.generate(model, ids, max_new_tokens=2, prefill_chunk=3, policy=policy)
     with torch.no_grad():
         ent, _ = cw.torch_entropy_surprisal(model(input_ids=ids).logits)
     booked = out.cache.ledger.difficulty()

@@ -4,8 +4,12 @@ With a :class:`~chunkwise.ChunkwiseModel`, every forward runs under a rank plan:
 
 * prefill goes in chunks of ``prefill_chunk`` tokens (peak activation memory bounded by the
   chunk, not the prompt); each chunk is planned by the scheduler, with the previous chunk's
-  mean predictive entropy as its entropy signal (what the last logits said about how hard the
-  text is) — no extra forward pass;
+  mean predictive entropy as its entropy signal (what the logits said about how hard the text
+  is, estimated at :data:`PRIOR_SAMPLES` evenly spaced columns of the chunk) — no extra
+  forward pass, and the vocabulary is projected only at those columns and the last one (a
+  stock ``generate`` projects the last one), unless every prompt token's signals are needed:
+  ``score_prompt=True`` (the prompt's perplexity) or a plain model under a difficulty-ranking
+  cache policy;
 * decode feeds token t's signals (entropy of the logits that predicted it, its surprisal) to the
   scheduler's streaming mode, which picks the rung with hysteresis; the KV cache's difficulty-
   aware policy sees the same per-token difficulty and chunk ids.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,9 +33,12 @@ import torch
 
 from .errors import InputError
 from .kv import KvPolicy, PolicyCache, left_padding, track_attention
-from .nn import ChunkwiseModel, DecodePlan, TokenPlan, torch_entropy_surprisal
+from .nn import ChunkwiseModel, DecodePlan, SignalRequest, TokenPlan, prefill_signals, torch_entropy_surprisal
 
-__all__ = ["Generation", "GenerationResult", "Step", "generate", "stream"]
+__all__ = ["PRIOR_SAMPLES", "Generation", "GenerationResult", "Step", "generate", "stream"]
+
+#: Columns of a prefill chunk whose predictive entropy estimates its mean for the next chunk.
+PRIOR_SAMPLES = 4
 
 
 @dataclasses.dataclass
@@ -65,6 +73,18 @@ class GenerationResult:
     cache: PolicyCache
     prefill_seconds: float
     decode_seconds: float
+    #: With ``score_prompt=True``: summed negative log-likelihood (nats) of the prompt tokens
+    #: after the first real one of each row, as the model predicted them during prefill:
+    #: through its ranks and what the cache policy kept (0 otherwise).
+    prompt_nll: float = 0.0
+    #: Prompt tokens in :attr:`prompt_nll`.
+    prompt_scored: int = 0
+
+    @property
+    def prompt_perplexity(self) -> float:
+        """Perplexity of the prompt under the model as it ran (ranks, cache policy, chunks);
+        NaN unless generated with ``score_prompt=True``."""
+        return math.exp(self.prompt_nll / self.prompt_scored) if self.prompt_scored else float("nan")
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -119,6 +139,7 @@ class Generation:
         temperature: float,
         top_k: int | None,
         seed: int | None,
+        score_prompt: bool = False,
     ) -> None:
         self.ids, self.mask = _check_inputs(input_ids, attention_mask)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -139,6 +160,12 @@ class Generation:
         self.adapters = adapters
         self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None
         self.cache = PolicyCache(policy, self.hf.config, self.mask)
+        self.score_prompt = bool(score_prompt)
+        # every prompt position's signals: for the perplexity, or for a plain model's cache
+        # difficulty when the policy ranks by it (a ChunkwiseModel books its plan's difficulty)
+        self.every_column = self.score_prompt or (
+            self.cwm is None and self.cache.policy.difficulty_weight > 0
+        )
         self.max_new_tokens, self.prefill_chunk = max_new_tokens, prefill_chunk or self.ids.shape[1]
         self.eos, self.pad = eos_token_id, pad_token_id
         self.temperature, self.top_k = temperature, top_k
@@ -150,6 +177,9 @@ class Generation:
         self._prefill_token_ranks: list[np.ndarray] = []
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+        #: Summed NLL (nats) of the prompt tokens predicted during prefill, and their count.
+        self.prompt_nll = 0.0
+        self.prompt_scored = 0
 
     @property
     def prefill_token_ranks(self) -> np.ndarray:
@@ -181,6 +211,43 @@ class Generation:
             )
         return out.logits
 
+    def _sample_columns(self, s: int, e: int) -> torch.Tensor:
+        """:data:`PRIOR_SAMPLES` evenly spaced columns of chunk [s, e) that are real in every row
+        (left padding ends before the first chunk's last ``prefill_chunk`` columns)."""
+        lo = max(s, max(left_padding(self.mask)))
+        cols = np.unique(np.linspace(lo, e - 1, num=min(PRIOR_SAMPLES, e - lo)).round().astype(np.int64))
+        return torch.from_numpy(cols - s).to(self.ids.device)
+
+    def _prefill_forward(
+        self, s: int, e: int, tp: TokenPlan | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Prompt columns [s, e): (last logits, entropy (nats) at the sampled columns, entropy at
+        every column or None); scores the prompt tokens if asked."""
+        requests: list[SignalRequest] = [(self._sample_columns(s, e), None)]
+        if self.every_column:
+            nxt, nxt_real = self.ids[:, s + 1 : e + 1], self.mask[:, s + 1 : e + 1]
+            if nxt.shape[1] < e - s:  # the prompt's last position has no next prompt token
+                none = torch.zeros_like(self.ids[:, :1])
+                nxt, nxt_real = torch.cat([nxt, none], 1), torch.cat([nxt_real, none], 1)
+            requests.append((None, nxt if self.score_prompt else None))
+        ctx = self.cwm.use(tp) if self.cwm is not None else contextlib.nullcontext()
+        with ctx:
+            last, signals = prefill_signals(
+                self.hf,
+                requests,
+                input_ids=self.ids[:, s:e],
+                attention_mask=self.mask[:, :e],
+                position_ids=self.positions[:, s:e],
+                cache=self.cache,
+                use_cache=True,
+            )
+        every = signals[1] if self.every_column else (None, None)
+        if every[1] is not None:
+            scored = self.mask[:, s:e].bool() & nxt_real.bool()
+            self.prompt_nll += float((every[1] * scored).sum())
+            self.prompt_scored += int(scored.sum())
+        return last, signals[0][0], every[0]
+
     def _prefill(self) -> torch.Tensor:
         """Runs the prompt in chunks (the first one also covers the longest left padding, so
         every chunk has real tokens in every row); returns the last position's logits."""
@@ -207,17 +274,16 @@ class Generation:
                 self.cache.set_difficulty(grid)
                 self.prefill_ranks.append(float(plan.token_rank.mean()))
                 self._prefill_token_ranks.append(plan.token_rank)
-            out = self._forward(ids_c, self.mask[:, :e], self.positions[:, s:e], tp)
-            ent, _ = torch_entropy_surprisal(out)
-            real = m_c.bool()
-            if self.cwm is None:
+            logits, sampled, every = self._prefill_forward(s, e, tp)
+            ln_v = math.log(logits.shape[-1])
+            if self.cwm is None and every is not None:
                 # token i's difficulty is the entropy of the logits that predicted it
+                ent = (every / ln_v).clamp(0.0, 1.0)
                 first = torch.zeros_like(ent[:, :1]) if last_ent is None else last_ent
                 shifted = torch.cat([first, ent[:, :-1]], 1)
-                self.cache.revise_difficulty((shifted * real).cpu().numpy())
-            last_ent = ent[:, -1:]
-            prior = ((ent * real).sum(-1) / real.sum(-1).clamp(min=1)).cpu().numpy()
-            logits = out[:, -1]
+                self.cache.revise_difficulty((shifted * m_c.bool()).cpu().numpy())
+                last_ent = ent[:, -1:]
+            prior = (sampled / ln_v).clamp(0.0, 1.0).mean(-1).cpu().numpy()
         assert logits is not None
         return logits
 
@@ -278,6 +344,7 @@ def stream(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int | None = None,
+    score_prompt: bool = False,
 ) -> Generation:
     """A :class:`Generation` to iterate: each :class:`Step` is yielded as soon as its tokens
     are chosen (before the forward that processes them).
@@ -291,6 +358,9 @@ def stream(
         adapters: adapter id per sequence (multi-adapter models).
         eos_token_id, pad_token_id: a sequence stops at EOS and is padded afterwards.
         temperature, top_k, seed: sampling (temperature 0: greedy).
+        score_prompt: also score every prompt token (the prompt's perplexity as the model ran
+            it: :attr:`GenerationResult.prompt_perplexity`); costs the vocabulary projection
+            of every prompt position, which is skipped otherwise.
     """
     return Generation(
         model,
@@ -305,6 +375,7 @@ def stream(
         temperature=temperature,
         top_k=top_k,
         seed=seed,
+        score_prompt=score_prompt,
     )
 
 
@@ -335,4 +406,6 @@ def generate(
         cache=run.cache,
         prefill_seconds=run.prefill_seconds,
         decode_seconds=run.decode_seconds,
+        prompt_nll=run.prompt_nll,
+        prompt_scored=run.prompt_scored,
     )

@@ -9,12 +9,14 @@ records on CPU (measured in a separate, untimed call: profiling slows it down).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,32 @@ import torch
 __all__ = ["measure", "peak_memory_mb", "prefill_variants", "random_adapter"]
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null meanwhile: the profiler's C++ layers print their
+    start/stop notices there, past Python's ``sys.stderr`` (and past KINETO_LOG_LEVEL)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (embedded, closed): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of live torch CPU allocations during ``fn()``: the profiler's per-op allocation
     records, replayed in time order (temporaries freed inside one op are not seen)."""
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop chatter on stderr
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
     live = peak = 0

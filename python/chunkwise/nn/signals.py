@@ -1,16 +1,86 @@
 """The scheduler's logit signals computed by torch on the logits' device (no host copy of the
 logits): what generation and the model-driven plan feed the scheduler. The numpy versions are
-:func:`chunkwise.entropy_from_logits` / :func:`chunkwise.surprisal_from_logits`."""
+:func:`chunkwise.entropy_from_logits` / :func:`chunkwise.surprisal_from_logits`.
+
+Memory: logits are turned into signals :data:`SIGNAL_ROWS` rows at a time, so a long prefill
+chunk costs two slices of temporaries, not five copies of its logits; :func:`prefill_signals`
+goes further and never holds a chunk's logits at all (it projects the last hidden states slice
+by slice), which is what keeps chunkwise's prefill as lean as a stock ``generate``.
+"""
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["next_token_signals", "torch_entropy_surprisal"]
+__all__ = [
+    "SIGNAL_ROWS",
+    "SignalRequest",
+    "logit_signals",
+    "next_token_signals",
+    "prefill_signals",
+    "torch_entropy_surprisal",
+]
+
+#: Rows of logits turned into signals at once (temporaries: 2 x rows x vocabulary floats).
+SIGNAL_ROWS = 16
+#: Below exp(-200) a float32 probability is 0; clamping there keeps 0 x log 0 at 0, not NaN.
+_FLOOR = -200.0
+
+
+def _rows_signals(
+    x: torch.Tensor, targets: torch.Tensor | None, owned: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(entropy in nats, -log p(target) in nats or None) of a [rows, V] slice; ``owned``: ``x``
+    may be overwritten (it is a fresh projection, not the caller's logits)."""
+    x = x.float()
+    m = x.amax(-1, keepdim=True)
+    z = x.sub_(m) if owned and x.dtype == torch.float32 else x - m
+    z.clamp_(min=_FLOOR)
+    nll_at = None if targets is None else z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    e = z.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    ent = log_s - e.mul_(z).sum(-1) / s
+    return ent, None if nll_at is None else log_s - nll_at
+
+
+def _sliced(
+    rows: torch.Tensor, head: nn.Module | None, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signals of ``rows`` [N, X] (logits, or hidden states that ``head`` projects to logits),
+    :data:`SIGNAL_ROWS` rows at a time; targets [N] or None."""
+    ent = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    nll = None if targets is None else torch.empty_like(ent)
+    for s in range(0, rows.shape[0], SIGNAL_ROWS):
+        part = slice(s, s + SIGNAL_ROWS)
+        x = rows[part] if head is None else head(rows[part])
+        e, n = _rows_signals(x, None if targets is None else targets[part], owned=head is not None)
+        ent[part] = e
+        if nll is not None and n is not None:
+            nll[part] = n
+    return ent, nll
+
+
+def logit_signals(
+    logits: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Entropy of every position's next-token distribution and the negative log-likelihood of
+    ``targets`` under it, both in nats, float32, shaped ``logits.shape[:-1]``; computed
+    :data:`SIGNAL_ROWS` rows at a time (no full-size temporaries)."""
+    shape = logits.shape[:-1]
+    ent, nll = _signals_at(logits.reshape(1, -1, logits.shape[-1]), None, _flat(targets), None)
+    return ent.view(shape), None if nll is None else nll.view(shape)
+
+
+def _flat(targets: torch.Tensor | None) -> torch.Tensor | None:
+    return None if targets is None else targets.reshape(1, -1)
 
 
 def torch_entropy_surprisal(
@@ -18,16 +88,95 @@ def torch_entropy_surprisal(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same two signals computed by torch on the logits' device (no host copy of logits).
 
-    Returns ``(entropy, surprisal)`` as float32 tensors of shape ``logits.shape[:-1]``;
-    surprisal is ``None`` without ``token_ids``.
+    Returns ``(entropy, surprisal)`` as float32 tensors of shape ``logits.shape[:-1]``, both
+    divided by ln(vocabulary) and clipped to [0, 1]; surprisal is ``None`` without ``token_ids``.
     """
     ln_v = math.log(logits.shape[-1])
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) / ln_v
-    sur = None
-    if token_ids is not None:
-        sur = (-logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1) / ln_v).clamp(0.0, 1.0)
-    return ent.clamp(0.0, 1.0), sur
+    ent, nll = logit_signals(logits, token_ids)
+    sur = None if nll is None else (nll / ln_v).clamp(0.0, 1.0)
+    return (ent / ln_v).clamp(0.0, 1.0), sur
+
+
+# models whose logits are exactly lm_head(last hidden state): checked once per model
+_PLAIN_HEAD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, output projection) of a transformers causal LM whose head is a plain linear
+    layer, or None (then the full logits are used)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None or _PLAIN_HEAD.get(model) is False:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if not isinstance(decoder, nn.Module) or type(head) is not nn.Linear:
+        return None  # an adapted head (ChunkwiseLinear) needs its plan's rows: use the logits
+    return decoder, head
+
+
+#: What :func:`prefill_signals` computes: columns of the forward (1-D, the same for every row;
+#: None: all of them) and the tokens that follow them ([B, P]; None: no likelihood).
+SignalRequest = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def prefill_signals(
+    model: nn.Module, requests: Sequence[SignalRequest], **inputs: Any
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """One forward of ``model(**inputs)``; returns its last position's logits [B, V] and, per
+    request ``(positions, targets)``, the entropy [B, P] at those columns and the NLL of
+    ``targets`` [B, P] (None without targets), in nats. ``targets[:, p]`` is the token that
+    follows column ``positions[p]`` (any id where there is none; mask it out). Each request is
+    computed on its own, so its values do not depend on what else was asked.
+
+    The model is asked for its last position's logits only (``logits_to_keep=1``, what a stock
+    ``generate`` asks for); the signals come from the decoder's last hidden states at the
+    requested columns, projected :data:`SIGNAL_ROWS` rows at a time, so no [B, T, V] tensor
+    ever exists and the vocabulary projection costs only the columns asked for. The first call
+    on a model checks that its logits are exactly that projection (no soft-capping or scaling
+    after the head); a model where they are not, or that takes no ``logits_to_keep``, gets the
+    full logits and the sliced signals of :func:`logit_signals`.
+    """
+    parts = _head_parts(model)
+    if parts is not None:
+        decoder, head = parts
+        seen: list[torch.Tensor] = []
+
+        def keep(_m: nn.Module, _a: Any, out: Any) -> None:
+            seen.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+        handle = decoder.register_forward_hook(keep)
+        try:
+            last = model(**inputs, logits_to_keep=1).logits[:, -1]
+        except TypeError:  # no logits_to_keep: remember, and take the full logits below
+            _PLAIN_HEAD[model] = False
+            seen.clear()
+        finally:
+            handle.remove()
+        if seen:
+            hidden = seen[-1]
+            if model not in _PLAIN_HEAD:
+                _PLAIN_HEAD[model] = _same_logits(head(hidden[:, -1]), last)
+            if _PLAIN_HEAD[model]:
+                return last, [_signals_at(hidden, pos, tgt, head) for pos, tgt in requests]
+    logits = model(**inputs).logits
+    return logits[:, -1], [_signals_at(logits, pos, tgt, None) for pos, tgt in requests]
+
+
+def _signals_at(
+    rows: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None, head: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signals of [B, T, X] logits (or hidden states ``head`` projects) at ``positions``."""
+    picked = rows if positions is None else rows[:, positions]
+    b, p, x = picked.shape
+    ent, nll = _sliced(picked.reshape(-1, x), head, None if targets is None else targets.reshape(-1))
+    return ent.view(b, p), None if nll is None else nll.view(b, p)
+
+
+def _same_logits(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """The head's projection equals the model's logits up to the rounding of another matmul
+    shape (a soft-capped or scaled head differs by far more)."""
+    tol = max(1e-4, 16 * torch.finfo(theirs.dtype).eps) * float(theirs.abs().max().clamp(min=1.0))
+    return mine.shape == theirs.shape and float((mine.float() - theirs.float()).abs().max()) <= tol
 
 
 def next_token_signals(model: nn.Module, input_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -35,12 +184,15 @@ def next_token_signals(model: nn.Module, input_ids: torch.Tensor) -> tuple[np.nd
     token t's signals come from the logits at t − 1 (what the model expected before seeing it);
     token 0 has none (0). ``input_ids``: [1, T] or [T]."""
     ids = torch.as_tensor(input_ids).reshape(1, -1)
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # the last target is never read
     with torch.inference_mode():
-        logits = model(input_ids=ids).logits
-    ent, sur = torch_entropy_surprisal(logits[:, :-1], ids[:, 1:])
-    assert sur is not None  # token ids were given
+        last, [(ent, nll)] = prefill_signals(model, [(None, targets)], input_ids=ids)
+    assert nll is not None  # targets were given
+    ln_v = math.log(last.shape[-1])
     zero = np.zeros(1, np.float32)
+    ent_n = (ent[0, :-1] / ln_v).clamp(0.0, 1.0)
+    sur_n = (nll[0, :-1] / ln_v).clamp(0.0, 1.0)
     return (
-        np.concatenate([zero, ent[0].float().cpu().numpy()]).astype(np.float32),
-        np.concatenate([zero, sur[0].float().cpu().numpy()]).astype(np.float32),
+        np.concatenate([zero, ent_n.float().cpu().numpy()]).astype(np.float32),
+        np.concatenate([zero, sur_n.float().cpu().numpy()]).astype(np.float32),
     )
