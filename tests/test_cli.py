@@ -84,7 +84,7 @@ def test_the_demo_verdict_says_why_where_chunkwise_did_not_win():
     slow = verdict({"chunkwise": 1.0 + 2 * SLOWER, "peft": 1.0}, {"chunkwise": 4.0, "peft": 4.0}, 0.012)
     assert "chunkwise slower here" in slow and "1.2 % of the model's work" in slow
     big = verdict({"chunkwise": 1.0, "peft": 1.0}, {"chunkwise": 5.0, "peft": 4.0}, 0.01)
-    assert "chunkwise allocated more here" in big
+    assert "chunkwise allocated 1.0 MB more here" in big
     assert verdict({"chunkwise": 1.0, "peft": 1.0}, {"chunkwise": None, "peft": 4.0}, 0.01) == even
 
 

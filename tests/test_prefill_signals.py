@@ -54,6 +54,20 @@ def test_logit_signals_in_slices_match_float64(dtype):
     assert torch.isfinite(ent).all() and torch.isfinite(nll).all()
 
 
+def test_overwriting_the_logits_gives_the_same_signals():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, SIGNAL_ROWS + 3, 40, generator=gen) * 3
+    targets = torch.randint(0, 40, (2, SIGNAL_ROWS + 3), generator=gen)
+    want = cw.torch_entropy_surprisal(logits.clone(), targets)
+    half = logits.bfloat16()
+    kept = half.clone()
+    got = cw.torch_entropy_surprisal(logits, targets, overwrite=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    cw.torch_entropy_surprisal(half, targets, overwrite=True)
+    assert torch.equal(half, kept)  # another dtype is converted first: the caller's tensor is left alone
+
+
 def _full_signals(model, ids, targets):
     with torch.inference_mode():
         logits = model(input_ids=ids).logits

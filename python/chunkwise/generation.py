@@ -300,7 +300,7 @@ class Generation:
         for step in range(self.max_new_tokens):
             tok = _pick(logits, self.temperature, self.top_k, self.gen)
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
-            ent, sur = torch_entropy_surprisal(logits, tok)
+            ent, sur = torch_entropy_surprisal(logits, tok, overwrite=True)  # logits: read for the last time
             assert sur is not None  # token ids were given
             # one host copy (one synchronisation on a GPU) per step: signals and tokens together;
             # float32 holds every token id below 2^24 exactly

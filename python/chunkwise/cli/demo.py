@@ -252,12 +252,20 @@ def verdict(seconds: dict[str, float], memory: dict[str, float | None], share: f
     share of the model's work (see :func:`lora_share`)."""
     slower = seconds["chunkwise"] > seconds["peft"] * (1 + SLOWER)
     mem_c, mem_p = memory["chunkwise"], memory["peft"]
-    more = mem_c is not None and mem_p is not None and mem_c > mem_p * (1 + SLOWER)
+    extra = mem_c - mem_p if mem_c is not None and mem_p is not None else 0.0
+    more = mem_p is not None and extra > mem_p * SLOWER
     if not slower and not more:
         return "chunkwise was not slower and allocated no more than PEFT."
-    what = " and ".join(w for w, bad in (("slower", slower), ("allocated more", more)) if bad)
-    return (
-        f"chunkwise {what} here: this adapter's LoRA is {100 * share:.1f} % of the model's work per "
-        "token, so the rank it saves is smaller than this machine's run-to-run noise "
-        "(`chunkwise bench` and benches/lora_overhead.py measure where it pays)."
-    )
+    why = []
+    if slower:
+        why.append(
+            f"slower here: this adapter's LoRA is {100 * share:.1f} % of the model's work per token, so "
+            "the rank it saves is smaller than this machine's run-to-run noise (`chunkwise bench` and "
+            "benches/lora_overhead.py measure where it pays)"
+        )
+    if more:
+        why.append(
+            f"allocated {extra:.1f} MB more here: its rank plan and per-step signals "
+            "(buffers PEFT does not keep)"
+        )
+    return "chunkwise " + "; and ".join(why) + "."

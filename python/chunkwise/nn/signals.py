@@ -39,9 +39,9 @@ def _rows_signals(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(entropy in nats, -log p(target) in nats or None) of a [rows, V] slice; ``owned``: ``x``
     may be overwritten (it is a fresh projection, not the caller's logits)."""
-    x = x.float()
-    m = x.amax(-1, keepdim=True)
-    z = x.sub_(m) if owned and x.dtype == torch.float32 else x - m
+    f = x.float()  # a copy unless x is float32 already
+    m = f.amax(-1, keepdim=True)
+    z = f.sub_(m) if owned or f is not x else f - m
     z.clamp_(min=_FLOOR)
     nll_at = None if targets is None else z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     e = z.exp()
@@ -69,14 +69,26 @@ def _sliced(
 
 
 def logit_signals(
-    logits: torch.Tensor, targets: torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor | None = None, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Entropy of every position's next-token distribution and the negative log-likelihood of
     ``targets`` under it, both in nats, float32, shaped ``logits.shape[:-1]``; computed
-    :data:`SIGNAL_ROWS` rows at a time (no full-size temporaries)."""
+    :data:`SIGNAL_ROWS` rows at a time (no full-size temporaries). ``overwrite``: the logits
+    are not needed afterwards and may be overwritten (one temporary less)."""
     shape = logits.shape[:-1]
-    ent, nll = _signals_at(logits.reshape(1, -1, logits.shape[-1]), None, _flat(targets), None)
+    flat = logits.reshape(1, -1, logits.shape[-1])
+    ent, nll = _signals_at(flat, None, _flat(targets), _OVERWRITE if overwrite else None)
     return ent.view(shape), None if nll is None else nll.view(shape)
+
+
+class _Overwrite(nn.Module):
+    """The identity as a "head": marks rows that :func:`_sliced` may overwrite in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+_OVERWRITE = _Overwrite()
 
 
 def _flat(targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -84,15 +96,16 @@ def _flat(targets: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def torch_entropy_surprisal(
-    logits: torch.Tensor, token_ids: torch.Tensor | None = None
+    logits: torch.Tensor, token_ids: torch.Tensor | None = None, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same two signals computed by torch on the logits' device (no host copy of logits).
 
     Returns ``(entropy, surprisal)`` as float32 tensors of shape ``logits.shape[:-1]``, both
     divided by ln(vocabulary) and clipped to [0, 1]; surprisal is ``None`` without ``token_ids``.
+    ``overwrite``: float32 logits that are not needed afterwards are used as scratch space.
     """
     ln_v = math.log(logits.shape[-1])
-    ent, nll = logit_signals(logits, token_ids)
+    ent, nll = logit_signals(logits, token_ids, overwrite=overwrite)
     sur = None if nll is None else (nll / ln_v).clamp(0.0, 1.0)
     return (ent / ln_v).clamp(0.0, 1.0), sur
 
