@@ -13,6 +13,15 @@ printed), and ``chunkwise_r32``: every token at rank 32, the cost of exactly tha
 - **S2**: eight adapters, batch 8 (one adapter per row), 64-token prompts: prefill and decode of
   the base model, PEFT's mixed batch (``adapter_names=``) and chunkwise; each one's overhead
   over the base model.
+- **S3**: long generation: an 8k-token held-out Wikipedia context, then 64 new tokens. PEFT
+  with transformers' ``generate`` and its DynamicCache, against chunkwise (scheduler) with the
+  sinks policy (4 sinks + recent tokens, 2048 kept): decode ms/token, the memory each generation
+  adds over its loaded model (torch's allocations at their peak, a separate untimed run; each
+  system in a fresh process), the KV cache's bytes, and the
+  perplexity of the context as each system predicted it (``score_prompt=True``; PEFT's through
+  a full cache, which holds what a DynamicCache holds). ``chunkwise_top`` (every token at rank
+  64, the same sinks cache) splits chunkwise's perplexity change into the cache's share and the
+  rank's. Both prefill in chunks of 512 (``prefill_chunk_size`` for transformers).
 - **loop**: ``chunkwise.generate`` against transformers' ``generate`` on a plain tiny model (ms
   per decode step; the loop's own cost).
 
@@ -27,6 +36,8 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,8 +47,10 @@ from typing import Any
 import chunkwise as cw
 import torch
 from chunkwise.assets import sample_text
-from chunkwise.eval.benchmarking import random_adapter
+from chunkwise.eval.benchmarking import peak_memory_mb, random_adapter
 from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent  # S3's workers run as `python -m benches...` from here
 
 
 class _MixedBatch(nn.Module):
@@ -215,14 +228,129 @@ def loop(rounds: int, new: int) -> dict:
     }
 
 
+S3_KINDS = ("peft", "chunkwise", "chunkwise_top")
+
+
+class _Stamps:
+    """A streamer for transformers' ``generate`` and ``chunkwise.generate``: the time of every
+    call (transformers calls it with the prompt first, then once per new token)."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, _value: Any) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, _step: Any) -> None:
+        self.t.append(time.perf_counter())
+
+    def step_ms(self, skip: int) -> float:
+        """Median ms between consecutive calls after the first ``skip`` ones."""
+        t = self.t[skip:]
+        return 1e3 * statistics.median(b - a for a, b in zip(t[:-1], t[1:], strict=True))
+
+
+def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dict:
+    """One system of S3 in this (fresh) process: decode ms/token and peak memory of a plain
+    generation, then the context's perplexity from a scored one."""
+    from chunkwise.assets.smollm2 import load_smollm2
+    from chunkwise.kv import KvPolicy
+    from peft import PeftModel
+
+    from benches.prefill_cpu import held_out_ids
+
+    torch.set_grad_enabled(False)
+    base, tok = load_smollm2(progress=False)
+    ids = held_out_ids(tok, context)[None]
+    with tempfile.TemporaryDirectory() as d:
+        adapter = random_adapter(base, 64, Path(d) / "s3")  # seed 0: the same adapter in every worker
+        if kind == "peft":
+            model: Any = PeftModel.from_pretrained(base, str(adapter)).eval()
+        else:
+            sched = _scheduler(64) if kind == "chunkwise" else _fixed(64)
+            model = cw.inject(base, cw.RankLadder.from_peft(adapter), sched)
+    policy = None if kind == "peft" else KvPolicy.streaming(4, budget - 4, slack=64)
+    mask = torch.ones_like(ids)
+    row: dict[str, Any] = {"system": kind, "context": context, "new": new}
+
+    def run(stamps: _Stamps | None) -> Any:
+        if kind == "peft":  # transformers' own loop and DynamicCache
+            with torch.inference_mode():
+                return model.generate(
+                    ids, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=stamps,
+                    prefill_chunk_size=chunk, pad_token_id=0,
+                )  # fmt: skip
+        return cw.generate(
+            model, ids, mask, max_new_tokens=new, policy=policy, prefill_chunk=chunk, streamer=stamps
+        )
+
+    cw.generate(model, ids[:, :64], max_new_tokens=2)  # touch every weight page, warm the kernels
+    if kind != "chunkwise_top":  # that one only splits the perplexity change
+        stamps = _Stamps()
+        out = run(stamps)
+        # transformers calls its streamer with the prompt first; chunkwise once per token
+        row["decode_ms_per_token"] = stamps.step_ms(skip=2 if kind == "peft" else 1)
+        row["added_mb"] = peak_memory_mb(lambda: run(None), torch.device("cpu"))
+        if kind == "peft":
+            cfg = base.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            per_token = (
+                cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+            )  # fp32 keys + values
+            row["kv_mb"] = (context + new) * per_token / 2**20
+        else:
+            row["kv_mb"] = out.cache.peak_slots * out.cache.bytes_per_token / 2**20
+            row["decode_mean_rank"] = float(out.ranks[:, :-1].mean())
+            row["prefill_mean_rank"] = float(out.prefill_token_ranks.mean())
+    scored = cw.generate(
+        model, ids, mask, max_new_tokens=1, policy=policy, prefill_chunk=chunk, score_prompt=True
+    )
+    row["ppl"] = scored.prompt_perplexity
+    return row
+
+
+def s3(context: int, new: int, chunk: int, budget: int) -> dict:
+    """S3: every system in its own process (clean peak memory), then the ratios."""
+    rows = {}
+    for kind in S3_KINDS:
+        cmd = [
+            sys.executable, "-m", "benches.lora_overhead", "--s3-worker", kind, "--context", str(context),
+            "--new-tokens", str(new), "--chunk", str(chunk), "--budget", str(budget),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        rows[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"... s3 {kind} done", file=sys.stderr)
+    peft, mine, top = rows["peft"], rows["chunkwise"], rows["chunkwise_top"]
+    return {
+        **{k: {m: round(v, 3) if isinstance(v, float) else v for m, v in r.items()} for k, r in rows.items()},
+        "decode_x_peft": round(mine["decode_ms_per_token"] / peft["decode_ms_per_token"], 3),
+        "added_memory_x_peft": round(mine["added_mb"] / peft["added_mb"], 3),
+        "kv_x_peft": round(mine["kv_mb"] / peft["kv_mb"], 3),
+        "ppl_change_pct": round(100 * (mine["ppl"] / peft["ppl"] - 1), 2),
+        "ppl_change_pct_from_the_cache": round(100 * (top["ppl"] / peft["ppl"] - 1), 2),
+        "ppl_change_pct_from_the_rank": round(100 * (mine["ppl"] / top["ppl"] - 1), 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (default: 16)")
-    p.add_argument("--only", choices=("s1", "s2", "loop"), nargs="+", help="run only these parts")
+    p.add_argument("--only", choices=("s1", "s2", "s3", "loop"), nargs="+", help="run only these parts")
+    p.add_argument("--context", type=int, default=8192, help="S3 context tokens (default: 8192)")
+    p.add_argument("--s3-new", type=int, default=64, help="S3 new tokens (default: 64)")
+    p.add_argument("--chunk", type=int, default=512, help="S3 prefill chunk (default: 512)")
+    p.add_argument("--budget", type=int, default=2048, help="S3 tokens the sinks cache keeps (default: 2048)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--s3-worker", choices=S3_KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    parts = args.only or ["s1", "s2", "loop"]
+    if args.s3_worker:
+        print(json.dumps(s3_worker(args.s3_worker, args.context, args.new_tokens, args.chunk, args.budget)))
+        return 0
+    parts = args.only or ["s1", "s2", "s3", "loop"]
     torch.set_grad_enabled(False)
     results: dict[str, Any] = {
         "threads": torch.get_num_threads(),
@@ -241,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name in parts:
                     results[name] = fn(base, tok, Path(d), args.rounds, args.new_tokens)
                     print(name, json.dumps(results[name], indent=1))
+    if "s3" in parts:
+        results["s3"] = s3(args.context, args.s3_new, args.chunk, args.budget)
+        print("s3", json.dumps(results["s3"], indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
