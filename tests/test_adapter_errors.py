@@ -358,3 +358,59 @@ def test_second_ladder_invalid_leaves_model_untouched(base, adapter, clean, tmp_
         chunkwise.inject(model, [good, bad])
     assert ei.value.parameter == "target_modules"
     assert_unchanged(model, snap)
+
+
+# -- all or nothing, and PEFT's reading of a stray bias ----------------------------------------
+
+
+def test_a_saved_tensor_of_an_adapted_layer_is_refused_before_anything_changes(base, adapter):
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors[f"{Q0}.weight"] = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(AdapterError, match="q_proj.*either adapted or saved whole") as info:
+        chunkwise.inject(model, RankLadder.from_peft(adapter))
+    assert info.value.parameter == "modules_to_save"
+    assert_unchanged(model, snap)
+
+
+def test_a_failure_half_way_through_inject_leaves_the_model_as_it_was(base, clean, monkeypatch):
+    from chunkwise.nn import ChunkwiseLinear
+
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    calls = []
+    real = ChunkwiseLinear.add_ladder
+
+    def fail_on_the_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkwiseLinear, "add_ladder", fail_on_the_third)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chunkwise.inject(model, RankLadder.from_peft(clean[0]))
+    assert len(calls) == 3  # it did fail half-way, after wrapping two layers
+    assert_unchanged(model, snap)
+    monkeypatch.setattr(ChunkwiseLinear, "add_ladder", real)
+    cwm = chunkwise.inject(model, RankLadder.from_peft(clean[0]))  # and a later inject works
+    assert_matches(top_rung_logits(cwm, clean[2]), clean[1], logits(base, clean[2]))
+
+
+def test_a_lora_bias_the_config_does_not_enable_is_ignored_like_peft_does(base, tmp_path):
+    from peft import PeftModel
+
+    path = tmp_path / "biased"
+    make_adapter(base, path, seed=6, lora_bias=True, **TARGETS)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["lora_bias"] = False
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    ids = ids_batch(2, 9)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    with pytest.warns(UserWarning, match="lora_B.bias tensors of 4 module.*ignored"):
+        ladder = RankLadder.from_peft(path)
+    assert all(m.bias is None for m in ladder.modules.values())
+    cwm = chunkwise.inject(copy.deepcopy(base), ladder)
+    assert_matches(top_rung_logits(cwm, ids), logits(peft, ids), logits(base, ids))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,6 +78,16 @@ class RankLadder:
         settings = read_settings(path)
         weights = read_weights(path)
         modules = {}
+        stray = sorted(m for m, w in weights.modules.items() if w.bias is not None and not settings.lora_bias)
+        if stray:
+            # PEFT builds no lora_B bias unless the config asks for one, and loads the file's
+            # tensor nowhere; so does the ladder, but not silently
+            warnings.warn(
+                f"{path}: lora_B.bias tensors of {len(stray)} module(s) ({stray[0]!r}, ...) are ignored: "
+                "the config says lora_bias: false (as PEFT ignores them)",
+                UserWarning,
+                stacklevel=2,
+            )
         for mod, w in weights.modules.items():
             r, _ = settings.rank_alpha(mod)
             if w.a.shape[0] != r:
@@ -87,7 +98,7 @@ class RankLadder:
                 )
             s = settings.scaling(mod)
             a, b = factor_update(w.a, w.b, s)
-            bias = None if w.bias is None else (s * w.bias.to(torch.float64)).to(dtype)
+            bias = None if w.bias is None or mod in stray else (s * w.bias.to(torch.float64)).to(dtype)
             modules[mod] = LadderModule(a.to(dtype), b.to(dtype), bias)
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         return cls(modules, settings, weights.saved, name or path.name, config)

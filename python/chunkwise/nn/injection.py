@@ -77,6 +77,13 @@ def _check_ladder(model: nn.Module, ladder: RankLadder, modules: dict[str, nn.Mo
             raise AdapterError(
                 f"adapter {ladder.name!r}: saved tensor {key!r} does not fit this model", "modules_to_save"
             )
+        owner = key.rpartition(".")[0]
+        if owner in ladder.modules:  # it would replace the weight of a layer the ladder wraps
+            raise AdapterError(
+                f"adapter {ladder.name!r}: saved tensor {key!r} belongs to {owner!r}, which the adapter "
+                "also adapts with LoRA; a module is either adapted or saved whole, not both",
+                "modules_to_save",
+            )
 
 
 def _check_ladders(model: nn.Module, ladders: list[RankLadder]) -> None:
@@ -117,6 +124,15 @@ class ChunkwiseModel:
 
     # -- injection -------------------------------------------------------------------------
     def _attach(self) -> None:
+        """Wraps the adapted modules and swaps in ``modules_to_save``; all or nothing: on any
+        failure half-way the model is put back as it was and the error propagates."""
+        try:
+            self._attach_all()
+        except BaseException:
+            self.unload()
+            raise
+
+    def _attach_all(self) -> None:
         modules = dict(self.model.named_modules())
         names = sorted({n for lad in self.ladders for n in lad.modules})
         for name in names:
@@ -133,7 +149,8 @@ class ChunkwiseModel:
         for lad in self.ladders:
             for key, t in lad.saved.items():
                 p = params[key]
-                self._saved_params[key] = p.detach().clone()
+                if key not in self._saved_params:  # a second adapter saving it: keep the original
+                    self._saved_params[key] = p.detach().clone()
                 with torch.no_grad():
                     p.copy_(t.to(p.dtype))
 
