@@ -131,6 +131,8 @@ INVALID = [
     (dict(ngram=17), "ngram"),
     (dict(novelty_window=-1), "novelty_window"),
     (dict(novelty_window=0), "novelty_window"),
+    (dict(novelty_window=2**16 + 1), "novelty_window"),  # the tables would fill: probing never ended
+    (dict(novelty_window=2**22), "novelty_window"),
     # floats
     (dict(chunk_penalty=-0.1), "chunk_penalty"),
     (dict(chunk_penalty=NAN), "chunk_penalty"),

@@ -148,6 +148,10 @@ def test_scored_policies_run_inside_generate(adapted, policy):
         ({"prefill_chunk": 0}, "prefill_chunk"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"attention_mask": torch.full((1, 4), 2)}, "attention_mask"),  # 2s used to shift positions
+        ({"attention_mask": torch.ones(1, 4)}, "attention_mask"),
     ],
 )
 def test_bad_generation_options(kwargs, param):
@@ -156,6 +160,15 @@ def test_bad_generation_options(kwargs, param):
     with pytest.raises(cw.InputError) as e:
         cw.generate(model, ids, **kwargs)
     assert e.value.parameter == param
+
+
+def test_a_generation_runs_once():
+    """Iterating a Generation again used to continue from its used cache with other tokens."""
+    model = tiny_model("llama")
+    run = cw.stream(model, torch.randint(3, VOCAB, (1, 4)), max_new_tokens=3)
+    assert len(list(run)) == 3
+    with pytest.raises(cw.StateError, match="already iterated"):
+        list(run)
 
 
 def test_bad_prompts():

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .errors import InputError
+from .errors import InputError, StateError
 from .kv import KvPolicy, PolicyCache, left_padding, track_attention
 from .nn import ChunkwiseModel, DecodePlan, SignalRequest, TokenPlan, prefill_signals, torch_entropy_surprisal
 
@@ -104,7 +104,17 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, to
             f"attention_mask: must be a tensor shaped like input_ids {tuple(input_ids.shape)}",
             "attention_mask",
         )
-    return input_ids, attention_mask.to(input_ids.device).long()
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise InputError(
+            f"attention_mask: must hold integers or bools, got {attention_mask.dtype}", "attention_mask"
+        )
+    mask = attention_mask.to(input_ids.device).long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        bad = sorted({int(v) for v in mask.unique().tolist()} - {0, 1})[:3]
+        raise InputError(
+            f"attention_mask: holds {bad}; only 0 (padding) and 1 (token) mean anything", "attention_mask"
+        )
+    return input_ids, mask
 
 
 def _pick(
@@ -148,8 +158,8 @@ class Generation:
             raise InputError(
                 f"prefill_chunk: must be an int >= 1 or None, got {prefill_chunk!r}", "prefill_chunk"
             )
-        if not temperature >= 0:
-            raise InputError(f"temperature: must be >= 0, got {temperature}", "temperature")
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
+            raise InputError(f"temperature: must be a number >= 0, got {temperature!r}", "temperature")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise InputError(f"top_k: must be an int >= 1 or None, got {top_k!r}", "top_k")
         if self.mask.sum(-1).min().item() == 0:
@@ -180,6 +190,7 @@ class Generation:
         #: Summed NLL (nats) of the prompt tokens predicted during prefill, and their count.
         self.prompt_nll = 0.0
         self.prompt_scored = 0
+        self._started = False
 
     @property
     def prefill_token_ranks(self) -> np.ndarray:
@@ -188,6 +199,12 @@ class Generation:
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise StateError(
+                "Generation: already iterated (its cache holds that run); call chunkwise.stream again",
+                "generation",
+            )
+        self._started = True
         scores = (
             track_attention(self.hf) if self.cache.policy.attention_weight > 0 else contextlib.nullcontext()
         )

@@ -54,7 +54,8 @@ class SchedulerConfig:
         budget_rank: the rank from which a rung counts against the budget (default: top rung).
         weights: weight per signal (entropy, surprisal, novelty, rarity, position, probe);
             missing keys keep their defaults, 0 disables a signal.
-        ngram, novelty_window: n-gram length and rolling window of the novelty signal.
+        ngram, novelty_window: n-gram length (1..16) and rolling window (1..65536 tokens; each
+            sequence's n-gram tables take 128 bytes per window token) of the novelty signal.
         ema: EMA weight of the newest difficulty (1 disables smoothing).
         position_tau: decay length of the positional prior ``exp(-p / tau)``.
         probe_scale: saturation scale of the probe signal ``x / (x + probe_scale)``.

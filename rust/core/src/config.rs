@@ -39,6 +39,11 @@ impl Default for SignalWeights {
 }
 
 /// The default rank ladder: no adapter, then ranks 4 to 64 doubling.
+/// Largest novelty window: each sequence's n-gram tables are sized for it (two tables of 4
+/// 16-byte slots per entry: 8 MiB per sequence at this size, in prefill and in every decode
+/// row alike).
+pub const MAX_NOVELTY_WINDOW: usize = 1 << 16;
+
 pub const DEFAULT_RUNGS: [u32; 6] = [0, 4, 8, 16, 32, 64];
 
 /// Everything the scheduler needs to turn signals into a plan. Build it, then call
@@ -265,8 +270,14 @@ impl SchedulerConfig {
                 format!("{} is outside [1, 16]", self.ngram),
             ));
         }
-        if self.novelty_window == 0 {
-            return Err(CoreError::config("novelty_window", "must be >= 1"));
+        if self.novelty_window == 0 || self.novelty_window > MAX_NOVELTY_WINDOW {
+            return Err(CoreError::config(
+                "novelty_window",
+                format!(
+                    "{} is outside [1, {MAX_NOVELTY_WINDOW}]",
+                    self.novelty_window
+                ),
+            ));
         }
         if !(self.ema > 0.0 && self.ema <= 1.0) {
             return Err(CoreError::config(
