@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import io
 import os
 import re
 
@@ -95,6 +96,18 @@ def test_nvrtc_cubin_builds_every_dtype(arch):
         assert name.encode() in out.code, name
         assert f"Compiling entry function '{name}' for '{arch}'" in out.log, name
     print(out.log)
+
+
+def test_nvrtc_leaves_python_constants_alone():
+    """NVRTC used to write its (one-byte) log into CPython's interned b" ", after which every
+    b" " in the process was NUL and torch.save wrote empty tensors."""
+    _nvrtc_or_skip()
+    K.nvrtc_compile("compute_80")
+    assert bytes([32]) == b" " and b" ".decode() == " "
+    buf = io.BytesIO()
+    torch.save({"a": torch.ones(4, 32)}, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["a"].shape == (4, 32)
 
 
 def test_nvrtc_below_sm80_falls_back_to_cuda_cores():

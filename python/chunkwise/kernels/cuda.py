@@ -160,21 +160,24 @@ def nvrtc_compile(arch: str = "sm_90", *, ptx: bool = False, ptxas_verbose: bool
             opts.append("--ptxas-options=-v")
         raw = [o.encode() for o in opts]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(raw), raw)
+        # NVRTC writes into the buffers it is given: they must be fresh writable memory. (A
+        # `b" " * size` of size 1 is CPython's interned b" ": NVRTC overwrote it with NUL
+        # process-wide, and torch.save then wrote empty tensors.)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-        log = b" " * size
+        log = bytearray(size)
         check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-        text = log.rstrip(b"\0 ").decode(errors="replace")
+        text = bytes(log).rstrip(b"\0 ").decode(errors="replace")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise KernelError(f"nvrtc: compiling {SOURCE_NAME} for {arch} failed ({err}):\n{text}")
         if ptx:
             size = check(nvrtc.nvrtcGetPTXSize(prog), "PTX size")
-            code = b" " * size
+            code = bytearray(size)
             check(nvrtc.nvrtcGetPTX(prog, code), "PTX")
         else:
             size = check(nvrtc.nvrtcGetCUBINSize(prog), "CUBIN size")
-            code = b" " * size
+            code = bytearray(size)
             check(nvrtc.nvrtcGetCUBIN(prog, code), "CUBIN")
-        return NvrtcOutput(arch, code, text)
+        return NvrtcOutput(arch, bytes(code), text)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
