@@ -71,7 +71,8 @@ def test_demo_runs_the_real_model_against_peft():
     for needle in ("planned from the model's own uncertainty", "tokens per rung", "[r", "PEFT", "agree with"):
         assert needle in out.stdout
     assert "same KV cache" in out.stdout
-    assert "was not slower and allocated no more" in out.stdout or "% of the model's work" in out.stdout
+    verdicts = ("was not slower and allocated no more", "% of the model's work", "MB more here")
+    assert any(v in out.stdout for v in verdicts)
     assert "Traceback" not in out.stderr
     assert "USDT" not in out.stderr and "profiler_st" not in out.stderr  # no profiler chatter
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from chunkwise.generation import PRIOR_SAMPLES
 from chunkwise.nn import SIGNAL_ROWS, logit_signals, prefill_signals
+from chunkwise.nn import signals as S
 from transformers import LlamaForCausalLM
 
 from tests.support.peft_helpers import (
@@ -80,34 +81,52 @@ class _Rows:
 
     def __init__(self, layer):
         self.rows: list[int] = []
-        self.handle = layer.register_forward_pre_hook(
-            lambda m, a: self.rows.append(a[0].numel() // a[0].shape[-1])
-        )
+        self.handle = layer.register_forward_pre_hook(self._count)
+
+    def _count(self, _module, args):
+        self.rows.append(args[0].numel() // args[0].shape[-1])
 
     def close(self):
         self.handle.remove()
 
 
+@pytest.fixture
+def projected(monkeypatch):
+    """Rows of every projection of hidden states into vocabulary signals."""
+    rows: list[int] = []
+    real = S.head_signals
+
+    def counting(h, head, targets):
+        rows.append(h.shape[0])
+        return real(h, head, targets)
+
+    monkeypatch.setattr(S, "head_signals", counting)
+    return rows
+
+
+@pytest.mark.parametrize("block", [S.VOCAB_BLOCK, 7])  # one block; several, the last one short
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_prefill_signals_equal_the_full_logits_signals(arch):
+def test_prefill_signals_equal_the_full_logits_signals(arch, block, projected, monkeypatch):
+    monkeypatch.setattr(S, "VOCAB_BLOCK", block)
     model = tiny_model(arch)
     ids = torch.randint(1, VOCAB, (2, 3 * SIGNAL_ROWS + 3), generator=torch.Generator().manual_seed(1))
     ids = ids[:, : model.config.max_position_embeddings if arch != "gpt2" else 60]
     targets = torch.roll(ids, -1, 1)
-    rows = _Rows(model.get_output_embeddings())
+    own = _Rows(model.get_output_embeddings())
     with torch.inference_mode():
         last, [(ent, nll), (ent_at, none)] = prefill_signals(
             model, [(None, targets), (torch.tensor([0, 5, 7]), None)], input_ids=ids
         )
-    rows.close()
+    own.close()
     want_last, want_ent, want_nll = _full_signals(model, ids, targets)
     torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-5)
     assert none is None
     torch.testing.assert_close(ent_at, want_ent[:, [0, 5, 7]], rtol=1e-5, atol=1e-5)
-    # the vocabulary projection never saw more than a slice (the model's own call: 1 per row)
-    assert max(rows.rows) <= SIGNAL_ROWS and sum(rows.rows) >= ids.numel()
+    # the model itself projected one row per sequence (and once more for the head check)
+    assert own.rows == [2, 2]
+    assert max(projected) <= SIGNAL_ROWS and sum(projected) == ids.numel() + 2 * 3
 
 
 class _ScaledHead(LlamaForCausalLM):
@@ -174,18 +193,17 @@ def test_prompt_perplexity_at_the_top_rung_is_pefts(tmp_path):
 
 
 @pytest.mark.parametrize("score", [False, True])
-def test_generation_projects_the_vocabulary_only_where_it_is_read(score):
+def test_generation_projects_the_vocabulary_only_where_it_is_read(score, projected):
     """Unscored: the sampled columns of each chunk and the last one, like a stock generate;
     scored: every column too, never more than a slice at once."""
     model = tiny_model("llama", max_position_embeddings=256)
     batch, seq, chunk, new = 2, 4 * SIGNAL_ROWS, 2 * SIGNAL_ROWS, 3
     ids, mask = ragged_prompt(batch=batch, seq=seq)
-    rows = _Rows(model.get_output_embeddings())
+    own = _Rows(model.get_output_embeddings())
     cw.generate(model, ids, mask, max_new_tokens=new, prefill_chunk=chunk, score_prompt=score)
-    rows.close()
-    assert max(rows.rows) <= SIGNAL_ROWS
+    own.close()
+    assert max(projected) <= SIGNAL_ROWS and max(own.rows) == batch
     pad = int((mask == 0).sum(-1).max())
     chunks = 1 + -(-(seq - pad - chunk) // chunk)  # the first one covers the padding too
-    own = chunks * batch + (new - 1) * batch + batch  # logits_to_keep=1, decode, the head check
-    sampled = chunks * batch * PRIOR_SAMPLES
-    assert sum(rows.rows) == own + sampled + (seq * batch if score else 0)
+    assert sum(own.rows) == chunks * batch + (new - 1) * batch + batch  # logits_to_keep=1, decode, check
+    assert sum(projected) == chunks * batch * PRIOR_SAMPLES + (seq * batch if score else 0)

@@ -4,8 +4,9 @@ logits): what generation and the model-driven plan feed the scheduler. The numpy
 
 Memory: logits are turned into signals :data:`SIGNAL_ROWS` rows at a time, so a long prefill
 chunk costs two slices of temporaries, not five copies of its logits; :func:`prefill_signals`
-goes further and never holds a chunk's logits at all (it projects the last hidden states slice
-by slice), which is what keeps chunkwise's prefill as lean as a stock ``generate``.
+goes further and never holds a row's logits at all: it projects the last hidden states
+:data:`VOCAB_BLOCK` vocabulary columns at a time with a running log-sum-exp, which is what keeps
+chunkwise's prefill as lean as a stock ``generate``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "SIGNAL_ROWS",
+    "VOCAB_BLOCK",
     "SignalRequest",
+    "head_signals",
     "logit_signals",
     "next_token_signals",
     "prefill_signals",
@@ -30,6 +34,9 @@ __all__ = [
 
 #: Rows of logits turned into signals at once (temporaries: 2 x rows x vocabulary floats).
 SIGNAL_ROWS = 16
+#: Vocabulary columns projected at once when the signals come from hidden states (temporaries:
+#: 2 x rows x block floats, whatever the vocabulary).
+VOCAB_BLOCK = 8192
 #: Below exp(-200) a float32 probability is 0; clamping there keeps 0 x log 0 at 0, not NaN.
 _FLOOR = -200.0
 
@@ -51,6 +58,44 @@ def _rows_signals(
     return ent, None if nll_at is None else log_s - nll_at
 
 
+def head_signals(
+    h: torch.Tensor, head: nn.Linear, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(entropy, nll) in nats of hidden rows [R, H] under ``head``, projected
+    :data:`VOCAB_BLOCK` vocabulary columns at a time with a running log-sum-exp: the head's
+    weight is read once, and no [R, V] tensor exists. Per row, with m the running maximum,
+    S = sum exp(x - m) and A = sum exp(x - m) (x - m): entropy = log S - A / S."""
+    w, bias = head.weight, head.bias
+    m = big_s = big_a = None
+    for c in range(0, w.shape[0], VOCAB_BLOCK):
+        cols = slice(c, c + VOCAB_BLOCK)
+        x = F.linear(h, w[cols], None if bias is None else bias[cols]).float()
+        bm = x.amax(-1)
+        new_m = bm if m is None else torch.maximum(m, bm)
+        x.sub_(new_m[:, None])
+        e = x.exp()
+        s_b = e.sum(-1)
+        a_b = e.mul_(x).sum(-1)
+        if m is None or big_s is None or big_a is None:
+            big_s, big_a = s_b, a_b
+        else:
+            d = m - new_m  # <= 0: what the old sums shrink by
+            shrink = d.exp()
+            big_a = shrink * (big_a + d * big_s) + a_b
+            big_s = shrink * big_s + s_b
+        m = new_m
+    assert m is not None and big_s is not None and big_a is not None  # the head has columns
+    log_s = big_s.log()
+    ent = log_s - big_a / big_s
+    if targets is None:
+        return ent, None
+    t = targets.long()
+    x_t = (h.float() * w[t].float()).sum(-1)
+    if bias is not None:
+        x_t = x_t + bias[t].float()
+    return ent, m + log_s - x_t
+
+
 def _sliced(
     rows: torch.Tensor, head: nn.Module | None, targets: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,8 +105,12 @@ def _sliced(
     nll = None if targets is None else torch.empty_like(ent)
     for s in range(0, rows.shape[0], SIGNAL_ROWS):
         part = slice(s, s + SIGNAL_ROWS)
-        x = rows[part] if head is None else head(rows[part])
-        e, n = _rows_signals(x, None if targets is None else targets[part], owned=head is not None)
+        tp = None if targets is None else targets[part]
+        if isinstance(head, nn.Linear):
+            e, n = head_signals(rows[part], head, tp)
+        else:
+            x = rows[part] if head is None else head(rows[part])
+            e, n = _rows_signals(x, tp, owned=head is not None)
         ent[part] = e
         if nll is not None and n is not None:
             nll[part] = n
@@ -143,7 +192,8 @@ def prefill_signals(
 
     The model is asked for its last position's logits only (``logits_to_keep=1``, what a stock
     ``generate`` asks for); the signals come from the decoder's last hidden states at the
-    requested columns, projected :data:`SIGNAL_ROWS` rows at a time, so no [B, T, V] tensor
+    requested columns, projected :data:`SIGNAL_ROWS` rows and :data:`VOCAB_BLOCK` vocabulary
+    columns at a time, so no [B, T, V] (nor [rows, V]) tensor
     ever exists and the vocabulary projection costs only the columns asked for. The first call
     on a model checks that its logits are exactly that projection (no soft-capping or scaling
     after the head); a model where they are not, or that takes no ``logits_to_keep``, gets the
