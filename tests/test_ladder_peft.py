@@ -338,6 +338,30 @@ def test_ladder_save_load_round_trip(tmp_path, case):
     assert_matches(out_b, ref, logits(base, ids))
 
 
+def test_an_interrupted_ladder_save_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    base, pm, path = _setup(tmp_path, "rank-alpha-pattern")
+    ladder = RankLadder.from_peft(path)
+    file = ladder.save(path)
+    before = file.read_bytes()
+    temps = []
+
+    def interrupted(tensors, filename, metadata=None):
+        temps.append(filename)
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            ladder.save(path)
+    assert file.read_bytes() == before  # the old ladder, whole
+    assert len(set(temps)) == 2 and all(LADDER_FILE in t for t in temps)  # a temp name per save
+    assert sorted(p.name for p in path.iterdir() if p.name.endswith(".tmp")) == []
+
+
 def test_ladder_load_refuses_a_non_ladder_file(tmp_path):
     base, pm, path = _setup(tmp_path, "llama")
     with pytest.raises(AdapterError) as ei:

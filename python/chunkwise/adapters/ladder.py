@@ -10,8 +10,11 @@ touching PEFT's own files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -135,9 +138,17 @@ class RankLadder:
             tensors[f"saved.{k}"] = t.contiguous()
         meta = {"format": _FORMAT, "name": self.name, "adapter_config": json.dumps(self.config)}
         out = path / LADDER_FILE
-        tmp = out.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out)
+        # a temp file of its own (two savers of one folder never share one), renamed over the
+        # ladder only once complete: a reader sees the old file or the new one, never a part
+        tmp = str(path / f".{LADDER_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # umask's mode
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, out)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return out
 
     @classmethod
