@@ -372,3 +372,49 @@ def test_ladder_load_refuses_a_non_ladder_file(tmp_path):
     with pytest.raises(AdapterError) as ei:
         RankLadder.load(tmp_path / "junk")
     assert ei.value.parameter == "ladder"
+
+
+def _damaged(file, change):
+    """Rewrites the ladder ``file`` with ``change(tensors, meta)`` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    change(tensors, meta)
+    save_file(tensors, str(file), metadata=meta)
+
+
+def _first(tensors, part):
+    return next(k for k in tensors if k.endswith(part))
+
+
+def _replace(tensors, part, fn):
+    key = _first(tensors, part)
+    tensors[key] = fn(tensors[key])
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda t, m: t[_first(t, ".a")].view(-1).__setitem__(0, float("nan")), "NaN or inf"),
+        (lambda t, m: _replace(t, ".b", lambda x: x.to(torch.int32)), "not a float"),
+        (
+            lambda t, m: t.__setitem__(_first(t, ".b"), t[_first(t, ".b")][:, :-1].contiguous()),
+            "inconsistent",
+        ),
+        (lambda t, m: _replace(t, ".a", lambda x: x.reshape(-1)), "inconsistent"),
+        (lambda t, m: m.__setitem__("adapter_config", "{not json"), "not JSON"),
+        (lambda t, m: m.__setitem__("adapter_config", "[1, 2]"), "not a JSON object"),
+    ],
+    ids=["nan", "int-dtype", "rank-mismatch", "1-d", "bad-json", "json-list"],
+)
+def test_ladder_load_refuses_a_damaged_ladder(tmp_path, change, needle):
+    """A damaged ladder used to load and run (NaN data, another dtype, broken metadata)."""
+    base, pm, path = _setup(tmp_path, "llama")
+    file = RankLadder.from_peft(path).save(path)
+    _damaged(file, change)
+    with pytest.raises(AdapterError, match=needle) as ei:
+        RankLadder.load(path)
+    assert ei.value.parameter == "ladder"

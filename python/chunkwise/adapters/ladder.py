@@ -166,7 +166,17 @@ class RankLadder:
             raise AdapterError(f"{file}: not a readable ladder ({e})", "ladder") from None
         if meta.get("format") != _FORMAT:
             raise AdapterError(f"{file}: unknown ladder format {meta.get('format')!r}", "ladder")
-        config = json.loads(meta.get("adapter_config", "{}"))
+        try:
+            config = json.loads(meta.get("adapter_config", "{}"))
+        except (ValueError, RecursionError) as e:
+            raise AdapterError(f"{file}: its adapter_config metadata is not JSON ({e})", "ladder") from None
+        if not isinstance(config, dict):
+            raise AdapterError(f"{file}: its adapter_config metadata is not a JSON object", "ladder")
+        for k, t in tensors.items():
+            if not t.dtype.is_floating_point:
+                raise AdapterError(f"{file}: tensor {k!r} is {t.dtype}, not a float type", "ladder")
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{file}: tensor {k!r} holds NaN or inf", "ladder")
         parts: dict[str, dict[str, torch.Tensor]] = {}
         saved = {}
         for k, t in tensors.items():
@@ -177,7 +187,15 @@ class RankLadder:
                 parts.setdefault(mod, {})[part] = t
         modules = {}
         for mod, p in parts.items():
-            if "a" not in p or "b" not in p or p["a"].shape[0] != p["b"].shape[1]:
+            a, b, bias = p.get("a"), p.get("b"), p.get("bias")
+            if (
+                a is None
+                or b is None
+                or a.ndim != 2
+                or b.ndim != 2
+                or a.shape[0] != b.shape[1]
+                or (bias is not None and tuple(bias.shape) != (b.shape[0],))
+            ):
                 raise AdapterError(f"{file}: module {mod!r} has inconsistent factors", "ladder")
             modules[mod] = LadderModule(p["a"], p["b"], p.get("bias"))
         return cls(
