@@ -151,7 +151,7 @@ def test_scored_policies_run_inside_generate(adapted, policy):
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"attention_mask": torch.full((1, 4), 2)}, "attention_mask"),  # 2s used to shift positions
-        ({"attention_mask": torch.ones(1, 4)}, "attention_mask"),
+        ({"attention_mask": torch.full((1, 4), 0.5)}, "attention_mask"),
     ],
 )
 def test_bad_generation_options(kwargs, param):
@@ -160,6 +160,14 @@ def test_bad_generation_options(kwargs, param):
     with pytest.raises(cw.InputError) as e:
         cw.generate(model, ids, **kwargs)
     assert e.value.parameter == param
+
+
+def test_a_float_mask_of_zeros_and_ones_is_a_mask():
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids, mask = ragged_prompt()
+    want = cw.generate(model, ids, mask, max_new_tokens=3)
+    got = cw.generate(model, ids, mask.float(), max_new_tokens=3)
+    assert torch.equal(got.sequences, want.sequences)
 
 
 def test_a_generation_runs_once():

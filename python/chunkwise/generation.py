@@ -104,17 +104,14 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, to
             f"attention_mask: must be a tensor shaped like input_ids {tuple(input_ids.shape)}",
             "attention_mask",
         )
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-        raise InputError(
-            f"attention_mask: must hold integers or bools, got {attention_mask.dtype}", "attention_mask"
-        )
-    mask = attention_mask.to(input_ids.device).long()
-    if bool(((mask != 0) & (mask != 1)).any()):
-        bad = sorted({int(v) for v in mask.unique().tolist()} - {0, 1})[:3]
+    if attention_mask.dtype.is_complex:
+        raise InputError(f"attention_mask: must be real, got {attention_mask.dtype}", "attention_mask")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):  # 2s used to shift positions
+        bad = sorted({float(v) for v in attention_mask.unique().tolist()} - {0.0, 1.0})[:3]
         raise InputError(
             f"attention_mask: holds {bad}; only 0 (padding) and 1 (token) mean anything", "attention_mask"
         )
-    return input_ids, mask
+    return input_ids, attention_mask.to(input_ids.device).long()
 
 
 def _pick(
