@@ -425,3 +425,15 @@ def test_decode_matches_the_spec_state_machine(case):
             assert (int(dec.rung[i]), bool(dec.new_chunk[i])) == (rung, new), (t, i)
             assert dec.counts(i) == (ref.high, ref.total)
             assert ref.high <= cfg.budget_share * ref.total + 1e-9
+
+
+def test_a_decoder_whose_tables_would_not_fit_memory_is_refused():
+    """decoder(2**20) was within the batch limit but needed ~32 GiB of novelty tables, and
+    aborted the process under a memory cap."""
+    sched = Scheduler(SchedulerConfig())
+    with pytest.raises(InputError, match="novelty_window") as e:
+        sched.decoder(2**20)
+    assert e.value.parameter == "batch_size"
+    assert sched.decoder(1024).counts(0) == (0, 0)  # a real batch is fine
+    no_novelty = Scheduler(SchedulerConfig(weights={"novelty": 0.0}))
+    assert no_novelty.decoder(2**16).counts(0) == (0, 0)  # no tables: no such bound

@@ -10,6 +10,7 @@ use crate::difficulty::{validate_signals, DifficultyState, SignalArrays, TokenSi
 use crate::error::{CoreError, Result};
 use crate::ladder::rung_of;
 use crate::plan::Planner;
+use crate::signals::NoveltyTracker;
 
 /// What one decode step decided for one sequence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -141,6 +142,11 @@ pub struct StepBuffers<'a> {
 /// Largest decode batch (a guard against allocation overflow, far above any real batch).
 pub const MAX_BATCH: usize = 1 << 20;
 
+/// Largest streaming state of one decode batch, in bytes (the n-gram tables dominate: 32 KiB
+/// per row at the default novelty window of 256); a batch that would need more is refused
+/// instead of aborting the process when the allocation fails.
+pub const MAX_DECODE_STATE_BYTES: usize = 4 << 30;
+
 /// Decode state of a batch of sequences sharing one threshold set.
 #[derive(Debug, Clone)]
 pub struct DecodeBatch {
@@ -158,6 +164,24 @@ impl DecodeBatch {
             ));
         }
         let cfg = planner.config();
+        let per_row = if cfg.weights.novelty > 0.0 {
+            NoveltyTracker::table_bytes(cfg.novelty_window)
+        } else {
+            0
+        };
+        if batch_size.saturating_mul(per_row) > MAX_DECODE_STATE_BYTES {
+            return Err(CoreError::input(
+                "batch_size",
+                format!(
+                    "{batch_size} rows need {} MiB of novelty tables ({} KiB per row at novelty_window \
+                     {}), over the {} MiB limit; use fewer rows or a smaller novelty_window",
+                    batch_size.saturating_mul(per_row) >> 20,
+                    per_row >> 10,
+                    cfg.novelty_window,
+                    MAX_DECODE_STATE_BYTES >> 20
+                ),
+            ));
+        }
         let thresholds = thresholds.unwrap_or_else(|| cfg.thresholds.clone());
         if thresholds.len() + 1 != cfg.n_rungs() {
             return Err(CoreError::input(

@@ -258,6 +258,11 @@ impl NoveltyTracker {
         }
     }
 
+    /// Bytes the two n-gram tables of a tracker with this `window` hold.
+    pub fn table_bytes(window: usize) -> usize {
+        2 * GramTable::slots(window) * (std::mem::size_of::<u64>() + std::mem::size_of::<usize>())
+    }
+
     /// Feeds the next token; returns 1.0 if its n-gram is novel in the window, else 0.0.
     pub fn push(&mut self, id: i64) -> f32 {
         self.remember(id);
@@ -358,13 +363,18 @@ struct GramTable {
 
 impl GramTable {
     fn new(window: usize) -> Self {
-        // ≤ window entries per epoch at load ≤ 1/4, so a probe always finds an empty slot
-        let cap = (4 * window).next_power_of_two().max(8);
+        let cap = Self::slots(window);
         Self {
             keys: vec![0; cap],
             pos: vec![0; cap],
             mask: cap - 1,
         }
+    }
+
+    /// Slots for `window` entries: ≤ window entries per epoch at load ≤ 1/4, so a probe always
+    /// finds an empty slot.
+    fn slots(window: usize) -> usize {
+        (4 * window.max(1)).next_power_of_two().max(8)
     }
 
     fn clear(&mut self) {

@@ -126,3 +126,24 @@ fn prefill_and_decode_agree_on_ids_outside_the_table() {
         decode.err()
     );
 }
+
+#[test]
+fn a_batch_whose_novelty_tables_would_not_fit_is_refused_not_allocated() {
+    use chunkwise_core::decode::MAX_DECODE_STATE_BYTES;
+    use chunkwise_core::signals::NoveltyTracker;
+
+    let cfg = SchedulerConfig::default();
+    let planner = Planner::new(cfg.clone(), None).unwrap();
+    let per_row = NoveltyTracker::table_bytes(cfg.novelty_window);
+    let fits = MAX_DECODE_STATE_BYTES / per_row;
+    // the largest batch that fits is accepted (and small enough to build here at the default)
+    assert!(DecodeBatch::new(&planner, fits.min(1024), None).is_ok());
+    let e = DecodeBatch::new(&planner, fits + 1, None).unwrap_err();
+    assert_eq!(e.param(), "batch_size");
+    assert!(e.to_string().contains("novelty_window"), "{e}");
+    // without the novelty signal the rows hold no tables: the same batch is fine to ask for
+    let mut off = cfg.clone();
+    off.weights.novelty = 0.0;
+    let planner = Planner::new(off, None).unwrap();
+    assert!(DecodeBatch::new(&planner, 4096, None).is_ok());
+}
