@@ -167,6 +167,8 @@ class Generation:
         self.adapters = adapters
         self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None
         self.cache = PolicyCache(policy, self.hf.config, self.mask)
+        #: The longest left padding (one host copy of the mask, here, not per prefill chunk).
+        self.max_pad = max(left_padding(self.mask))
         self.score_prompt = bool(score_prompt)
         # every prompt position's signals: for the perplexity, or for a plain model's cache
         # difficulty when the policy ranks by it (a ChunkwiseModel books its plan's difficulty)
@@ -228,7 +230,7 @@ class Generation:
     def _sample_columns(self, s: int, e: int) -> torch.Tensor:
         """:data:`PRIOR_SAMPLES` evenly spaced columns of chunk [s, e) that are real in every row
         (left padding ends before the first chunk's last ``prefill_chunk`` columns)."""
-        lo = max(s, max(left_padding(self.mask)))
+        lo = max(s, self.max_pad)
         cols = np.unique(np.linspace(lo, e - 1, num=min(PRIOR_SAMPLES, e - lo)).round().astype(np.int64))
         return torch.from_numpy(cols - s).to(self.ids.device)
 
@@ -266,7 +268,7 @@ class Generation:
         """Runs the prompt in chunks (the first one also covers the longest left padding, so
         every chunk has real tokens in every row); returns the last position's logits."""
         t, chunk = self.ids.shape[1], self.prefill_chunk
-        first_end = min(t, max(left_padding(self.mask)) + chunk)
+        first_end = min(t, self.max_pad + chunk)
         bounds = [0, *range(first_end, t, chunk), t]
         prior: np.ndarray | None = None
         last_ent: torch.Tensor | None = None

@@ -97,20 +97,19 @@ def head_signals(
 
 
 def _sliced(
-    rows: torch.Tensor, head: nn.Module | None, targets: torch.Tensor | None
+    rows: torch.Tensor, head: nn.Linear | None, targets: torch.Tensor | None, owned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Signals of ``rows`` [N, X] (logits, or hidden states that ``head`` projects to logits),
-    :data:`SIGNAL_ROWS` rows at a time; targets [N] or None."""
+    """Signals of ``rows`` [N, X]: logits (``owned``: they may be overwritten), or hidden states
+    that ``head`` projects block by block; :data:`SIGNAL_ROWS` rows at a time, targets [N]."""
     ent = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     nll = None if targets is None else torch.empty_like(ent)
     for s in range(0, rows.shape[0], SIGNAL_ROWS):
         part = slice(s, s + SIGNAL_ROWS)
         tp = None if targets is None else targets[part]
-        if isinstance(head, nn.Linear):
+        if head is not None:
             e, n = head_signals(rows[part], head, tp)
         else:
-            x = rows[part] if head is None else head(rows[part])
-            e, n = _rows_signals(x, tp, owned=head is not None)
+            e, n = _rows_signals(rows[part], tp, owned=owned)
         ent[part] = e
         if nll is not None and n is not None:
             nll[part] = n
@@ -126,18 +125,8 @@ def logit_signals(
     are not needed afterwards and may be overwritten (one temporary less)."""
     shape = logits.shape[:-1]
     flat = logits.reshape(1, -1, logits.shape[-1])
-    ent, nll = _signals_at(flat, None, _flat(targets), _OVERWRITE if overwrite else None)
+    ent, nll = _signals_at(flat, None, _flat(targets), None, owned=overwrite)
     return ent.view(shape), None if nll is None else nll.view(shape)
-
-
-class _Overwrite(nn.Module):
-    """The identity as a "head": marks rows that :func:`_sliced` may overwrite in place."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-_OVERWRITE = _Overwrite()
 
 
 def _flat(targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -226,12 +215,17 @@ def prefill_signals(
 
 
 def _signals_at(
-    rows: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None, head: nn.Module | None
+    rows: torch.Tensor,
+    positions: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    head: nn.Linear | None,
+    owned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Signals of [B, T, X] logits (or hidden states ``head`` projects) at ``positions``."""
     picked = rows if positions is None else rows[:, positions]
     b, p, x = picked.shape
-    ent, nll = _sliced(picked.reshape(-1, x), head, None if targets is None else targets.reshape(-1))
+    flat_t = None if targets is None else targets.reshape(-1)
+    ent, nll = _sliced(picked.reshape(-1, x), head, flat_t, owned=owned and positions is None)
     return ent.view(b, p), None if nll is None else nll.view(b, p)
 
 
