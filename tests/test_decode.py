@@ -11,6 +11,8 @@ from chunkwise import InputError, Scheduler, SchedulerConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.oracles.scheduler import spec_ramp
+
 VOCAB = 1000
 PROBE_ONLY = dict(entropy=0.0, surprisal=0.0, novelty=0.0, rarity=0.0, position=0.0, probe=1.0)
 OUT_FIELDS = ("rank", "lo", "gate_lo", "gate_hi", "scale", "rung", "difficulty", "new_chunk")
@@ -354,11 +356,8 @@ class _RefSeq:
         if self.ramp is not None:
             a, i = self.ramp
             if i < cfg.crossfade:
-                alpha = (i + 1) / (cfg.crossfade + 1)
-                hi = max(a, rank)
                 s = dict(zip(self.rungs, self.scales, strict=True))
-                g_lo = ((1 - alpha) * s[a] + alpha * s[rank]) / s[hi] if s[hi] > 0 else 0.0
-                gate = (hi, min(a, rank), g_lo, alpha if rank > a else 1 - alpha)
+                gate = spec_ramp(s.__getitem__, a, rank, i, cfg.crossfade)
                 self.ramp = (a, i + 1)
             else:
                 self.ramp = None

@@ -15,6 +15,8 @@ from chunkwise import Plan, Scheduler, SchedulerConfig
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.oracles.scheduler import spec_ramp
+
 SETTINGS = dict(
     deadline=None,
     derandomize=True,
@@ -164,14 +166,7 @@ def _expected_gates(cfg: SchedulerConfig, chunk_lens, chunk_ranks):
         a = chunk_ranks[c - 1] if c > 0 else b
         for i in range(length):
             if a != b and i < w:
-                alpha = (i + 1) / (w + 1)
-                hi = max(a, b)
-                s_hi = _scale_of(cfg, hi)
-                g_lo = (
-                    ((1 - alpha) * _scale_of(cfg, a) + alpha * _scale_of(cfg, b)) / s_hi if s_hi > 0 else 0.0
-                )
-                g_hi = alpha if b > a else 1 - alpha
-                out.append((hi, min(a, b), g_lo, g_hi))
+                out.append(spec_ramp(lambda r: _scale_of(cfg, r), a, b, i, w))
             else:
                 out.append((b, b, 1.0, 1.0))
     return out

@@ -459,15 +459,34 @@ def assign_rungs(
 # --------------------------------------------------------------------------------------------
 
 
+def spec_ramp(scale_of: Any, a: int, b: int, i: int, crossfade: int) -> tuple[int, int, float, float]:
+    """(token_rank, token_lo, gate_lo, gate_hi) of ramp token i after a change a -> b, one
+    token at a time in float64, straight from architecture.md section 4 (``scale_of(rank)``)."""
+    alpha = (i + 1) / (crossfade + 1)
+    lo, hi = min(a, b), max(a, b)
+    shared = (1 - alpha) * scale_of(a) + alpha * scale_of(b)
+    if scale_of(hi) > 0:
+        return hi, lo, shared / scale_of(hi), alpha if b > a else 1 - alpha
+    # the band weighs 0: the token runs at the lower rank, at its scale
+    return lo, lo, shared / scale_of(lo) if scale_of(lo) > 0 else 0.0, 1.0
+
+
 def _ramp(rc: RefConfig, a: np.ndarray, b: np.ndarray, i: np.ndarray):
-    """Cross-fade gate of the i-th token after a change a -> b (valid where a != b, i < w)."""
+    """Cross-fade (rank, lo, gate_lo, gate_hi) of the i-th token after a change a -> b (valid
+    where a != b, i < w). The shared directions weigh (1 - alpha) s_a + alpha s_b, the band
+    between the ranks s_hi alpha (or s_hi (1 - alpha)); the layer multiplies by the scale of
+    the token's rank, so a zero upper scale puts the token at the lower rank."""
     alpha = (i + 1).astype(_F64) / float(rc.crossfade + 1)
     sa, sb = rc.scale_of_rank(a), rc.scale_of_rank(b)
-    s_hi = rc.scale_of_rank(np.maximum(a, b))
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    s_lo, s_hi = rc.scale_of_rank(lo), rc.scale_of_rank(hi)
+    shared = (1.0 - alpha) * sa + alpha * sb
+    zero = s_hi == 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        gate_lo = np.where(s_hi > 0.0, ((1.0 - alpha) * sa + alpha * sb) / s_hi, 0.0)
-    gate_hi = np.where(b > a, alpha, 1.0 - alpha)
-    return gate_lo.astype(_F32), gate_hi.astype(_F32)
+        on_lo = np.where(s_lo > 0.0, shared / s_lo, 0.0)
+        gate_lo = np.where(zero, on_lo, shared / s_hi)
+    gate_hi = np.where(zero, 1.0, np.where(b > a, alpha, 1.0 - alpha))
+    return np.where(zero, lo, hi), lo, gate_lo.astype(_F32), gate_hi.astype(_F32)
 
 
 def compose(
@@ -490,9 +509,9 @@ def compose(
     prev[1:][cont] = rank[:-1][cont]
     a, b = prev[cidx], rank[cidx]
     in_ramp = (a != b) & (i < rc.crossfade)
-    g_lo, g_hi = _ramp(rc, a, b, i)
-    token_rank = np.where(in_ramp, np.maximum(a, b), b)
-    token_lo = np.where(in_ramp, np.minimum(a, b), b)
+    r_ramp, lo_ramp, g_lo, g_hi = _ramp(rc, a, b, i)
+    token_rank = np.where(in_ramp, r_ramp, b)
+    token_lo = np.where(in_ramp, lo_ramp, b)
     gate_lo = np.where(in_ramp, g_lo, _F32(1.0)).astype(_F32)
     gate_hi = np.where(in_ramp, g_hi, _F32(1.0)).astype(_F32)
     _, seq, pos = _layout(np.diff(seq_offsets))
@@ -752,12 +771,12 @@ class ReferenceDecoder:
         rank = rc.rungs[k]
         frm, i = self._ramp_from, self._ramp_i
         in_ramp = (frm >= 0) & (i < rc.crossfade)
-        g_lo, g_hi = _ramp(rc, np.where(in_ramp, frm, rank), rank, i)
+        r_ramp, lo_ramp, g_lo, g_hi = _ramp(rc, np.where(in_ramp, frm, rank), rank, i)
         self._ramp_i = np.where(in_ramp, i + 1, i)
         self._ramp_from = np.where(in_ramp, frm, -1)
-        g_rank = np.where(in_ramp, np.maximum(frm, rank), rank)
+        g_rank = np.where(in_ramp, r_ramp, rank)
         self.rank[:] = g_rank
-        self.lo[:] = np.where(in_ramp, np.minimum(frm, rank), rank)
+        self.lo[:] = np.where(in_ramp, lo_ramp, rank)
         self.gate_lo[:] = np.where(in_ramp, g_lo, 1.0)
         self.gate_hi[:] = np.where(in_ramp, g_hi, 1.0)
         self.scale[:] = rc.scale_of_rank(g_rank)

@@ -5,7 +5,23 @@ One place for them, torch-free, so the command line can name them without import
 
 from __future__ import annotations
 
-__all__ = ["CONFIG_FILE", "LADDER_FILE", "PICKLE_WEIGHTS_FILE", "WEIGHTS_FILE"]
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdapterError
+
+__all__ = [
+    "CONFIG_FILE",
+    "LADDER_FILE",
+    "MAX_CONFIG_BYTES",
+    "PICKLE_WEIGHTS_FILE",
+    "WEIGHTS_FILE",
+    "read_json",
+    "regular_file",
+]
 
 #: PEFT's adapter configuration (JSON).
 CONFIG_FILE = "adapter_config.json"
@@ -15,3 +31,50 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 #: The rank ladder chunkwise writes beside a PEFT adapter (PEFT ignores it).
 LADDER_FILE = "chunkwise_ladder.safetensors"
+
+#: Largest adapter_config.json read (PEFT's are a few KiB).
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def regular_file(path: Path, param: str) -> Path:
+    """``path`` if it is (a link to) a regular file, else :class:`AdapterError`: a FIFO would
+    block the reader forever and a device (``/dev/zero``) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot be read ({e})", param) from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        )
+        raise AdapterError(f"{path}: is {kind}; adapter files must be regular files", param)
+    return path
+
+
+def read_json(path: Path, param: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """The JSON value of the regular file ``path``, read without blocking and at most
+    ``max_bytes`` long; unreadable, oversized, non-UTF-8, invalid or too deeply nested JSON is
+    an :class:`AdapterError` naming ``param``. A missing file raises ``FileNotFoundError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot be read ({e})", param) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise AdapterError(f"{path}: is not a regular file (a FIFO or a device?)", param)
+        data = os.read(fd, max_bytes + 1)
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot be read ({e})", param) from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise AdapterError(f"{path}: larger than {max_bytes >> 20} MiB; not an adapter config", param)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})", param) from None

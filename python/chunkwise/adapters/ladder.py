@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from .files import CONFIG_FILE, LADDER_FILE
-from .settings import LoraSettings, read_settings, settings_from_dict
+from .files import CONFIG_FILE, LADDER_FILE, regular_file
+from .settings import LoraSettings, read_config, settings_from_dict
 from .weights import read_weights
 
 __all__ = ["LadderModule", "RankLadder", "LADDER_FILE", "factor_update"]
@@ -77,8 +77,9 @@ class RankLadder:
         cls, path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32
     ) -> RankLadder:
         """Converts the PEFT adapter directory ``path`` (config + safetensors or .bin)."""
+        config = read_config(path)
         path = Path(path)
-        settings = read_settings(path)
+        settings = settings_from_dict(config, str(path / CONFIG_FILE))
         weights = read_weights(path)
         modules = {}
         stray = sorted(m for m, w in weights.modules.items() if w.bias is not None and not settings.lora_bias)
@@ -103,7 +104,6 @@ class RankLadder:
             a, b = factor_update(w.a, w.b, s)
             bias = None if w.bias is None or mod in stray else (s * w.bias.to(torch.float64)).to(dtype)
             modules[mod] = LadderModule(a.to(dtype), b.to(dtype), bias)
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         return cls(modules, settings, weights.saved, name or path.name, config)
 
     @property
@@ -156,9 +156,12 @@ class RankLadder:
         """Reads a ladder written by :meth:`save` (``path``: the file or its directory)."""
         from safetensors import SafetensorError, safe_open
 
+        if not isinstance(path, str | os.PathLike):
+            raise AdapterError(f"path: expected a str or Path, got {type(path).__name__}", "path")
         path = Path(path)
         file = path / LADDER_FILE if path.is_dir() else path
         try:
+            regular_file(file, "ladder")
             with safe_open(str(file), "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter

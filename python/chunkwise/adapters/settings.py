@@ -9,7 +9,6 @@ silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -17,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
-from .files import CONFIG_FILE
+from .files import CONFIG_FILE, read_json
 
-__all__ = ["LoraSettings", "read_settings"]
+__all__ = ["LoraSettings", "read_config", "read_settings", "settings_from_dict"]
 
 # Keys that change nothing at inference once the weights are saved.
 _NEUTRAL = {
@@ -153,18 +152,23 @@ def _tuple(value: Any, kind: type, name: str) -> Any:
     raise AdapterError(f"adapter_config.json: {name} has an unexpected value {value!r}", name)
 
 
-def read_settings(path: str | Path) -> LoraSettings:
-    """Reads and checks ``adapter_config.json`` in the adapter directory ``path``."""
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The raw ``adapter_config.json`` of the adapter directory ``path`` (a JSON object)."""
+    if not isinstance(path, str | Path):
+        raise AdapterError(f"path: expected a str or Path, got {type(path).__name__}", "path")
     file = Path(path) / CONFIG_FILE
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw = read_json(file, CONFIG_FILE)
     except FileNotFoundError:
         raise AdapterError(f"{file}: no adapter_config.json (not a PEFT adapter directory)", "path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: unreadable ({e})", CONFIG_FILE) from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{file}: expected a JSON object", "adapter_config.json")
-    return settings_from_dict(raw, str(file))
+    return raw
+
+
+def read_settings(path: str | Path) -> LoraSettings:
+    """Reads and checks ``adapter_config.json`` in the adapter directory ``path``."""
+    return settings_from_dict(read_config(path), str(Path(path) / CONFIG_FILE))
 
 
 def settings_from_dict(raw: Mapping[str, Any], where: str = CONFIG_FILE) -> LoraSettings:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from .files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
+from .files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, regular_file
 
 __all__ = ["LoraModuleWeights", "AdapterWeights", "read_weights"]
 
@@ -39,6 +39,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     st = path / WEIGHTS_FILE
     binf = path / PICKLE_WEIGHTS_FILE
     if st.exists():
+        regular_file(st, WEIGHTS_FILE)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -47,6 +48,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise AdapterError(f"{st}: not a readable safetensors file ({e})", WEIGHTS_FILE) from None
     if binf.exists():
+        regular_file(binf, PICKLE_WEIGHTS_FILE)
         try:
             out = torch.load(str(binf), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:

@@ -9,24 +9,38 @@ first). The settings are validated by the Rust core, which also makes every evic
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+import numpy as np
 
 from .. import _core
 from ..errors import ConfigError
 
-__all__ = ["KvPolicy", "POLICY_KINDS"]
+__all__ = ["KvPolicy", "MAX_TOKENS", "POLICY_KINDS"]
 
 #: Names accepted by :meth:`KvPolicy.named` (and the CLI's ``--kv``).
 POLICY_KINDS: tuple[str, ...] = ("full", "window", "sinks", "h2o", "difficulty")
 
 
+#: Largest token count a policy takes (sinks, window, budget, slack): token positions are int32.
+MAX_TOKENS = 2**31 - 1
+
+
 def _count(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ConfigError(f"{name}: must be an int, got {value!r}", name)
-    if value < 0:
-        raise ConfigError(f"{name}: must be >= 0, got {value}", name)
+    if not 0 <= value <= MAX_TOKENS:
+        raise ConfigError(f"{name}: must be in [0, {MAX_TOKENS}], got {value}", name)
+
+
+def _weight(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ConfigError(f"{name}: must be a number, got {value!r}", name)
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name}: must be finite and >= 0, got {value}", name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,8 @@ class KvPolicy:
     def __post_init__(self) -> None:
         for name in ("sinks", "window", "slack"):
             _count(name, getattr(self, name))
+        for name in ("attention_weight", "difficulty_weight"):
+            _weight(name, getattr(self, name))
         _count("budget", self.budget, allow_none=True)
         _count("budget_bytes", self.budget_bytes, allow_none=True)
         if self.budget is not None and self.budget_bytes is not None:
@@ -124,6 +140,8 @@ class KvPolicy:
     @classmethod
     def streaming(cls, sinks: int, window: int, slack: int = 32) -> KvPolicy:
         """StreamingLLM: ``sinks`` first tokens + the last ``window``."""
+        _count("sinks", sinks)
+        _count("window", window)
         return cls(sinks=sinks, window=window, budget=sinks + window, slack=slack)
 
     @classmethod
@@ -152,7 +170,7 @@ class KvPolicy:
         last ``budget``; ``sinks`` keeps ``sinks`` + the last ``budget - sinks``; ``h2o`` and
         ``difficulty`` keep ``sinks``, a recent window of a quarter of the budget, and the best
         scored others."""
-        if kind not in POLICY_KINDS:
+        if not isinstance(kind, str) or kind not in POLICY_KINDS:
             raise ConfigError(
                 f"kind: unknown KV policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}", "kind"
             )
@@ -161,6 +179,7 @@ class KvPolicy:
         if budget is None:
             raise ConfigError(f"budget: the {kind!r} policy needs a token budget", "budget")
         _count("budget", budget)
+        _count("sinks", sinks)
         if kind == "window":
             return cls.sliding_window(budget, slack)
         if budget < sinks:

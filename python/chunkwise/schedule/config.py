@@ -93,11 +93,20 @@ class SchedulerConfig:
                 f"weights: must be a mapping of signal name to weight, got {type(self.weights)}",
                 "weights",
             )
+        if self.weights is not None:  # a copy: the caller's dict may change later
+            object.__setattr__(self, "weights", dict(self.weights))
         for f in dataclasses.fields(self):  # the core reads None as "default": refuse it where
             if f.default is not None and getattr(self, f.name) is None:  # the field is not optional
                 raise ConfigError(f"{f.name}: must not be None (default {f.default!r})", f.name)
         # The bindings convert and validate every field and name the bad one themselves.
         object.__setattr__(self, "_core_config", _core.Config(**self._kwargs()))
+
+    def __hash__(self) -> int:
+        # ``weights`` is a mapping (unhashable): it hashes as its sorted items
+        weights = None if self.weights is None else tuple(sorted(dict(self.weights).items()))
+        return hash(
+            tuple(weights if f.name == "weights" else getattr(self, f.name) for f in dataclasses.fields(self))
+        )
 
     def _kwargs(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _core
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .config import SchedulerConfig
 from .plan import Plan
 
@@ -98,6 +98,12 @@ class Scheduler:
     """
 
     def __init__(self, config: SchedulerConfig | None = None, unigram_counts: Any | None = None) -> None:
+        if config is not None and not isinstance(config, SchedulerConfig):
+            raise ConfigError(
+                f"config: expected a chunkwise.SchedulerConfig, got {type(config).__name__} "
+                "(build one with SchedulerConfig(**fields))",
+                "config",
+            )
         self.config = config if config is not None else SchedulerConfig()
         counts = None
         if unigram_counts is not None:

@@ -37,18 +37,27 @@ pub fn ramp(cfg: &SchedulerConfig, a: u32, b: u32, i: usize) -> Option<TokenGate
     }
     let alpha = (i + 1) as f64 / (w + 1) as f64;
     let (sa, sb) = (cfg.scale_of_rank(a), cfg.scale_of_rank(b));
-    let hi = a.max(b);
-    let s_hi = cfg.scale_of_rank(hi);
-    let gate_lo = if s_hi > 0.0 {
-        ((1.0 - alpha) * sa + alpha * sb) / s_hi
-    } else {
-        0.0
-    };
+    let (lo, hi) = (a.min(b), a.max(b));
+    let (s_lo, s_hi) = (cfg.scale_of_rank(lo), cfg.scale_of_rank(hi));
+    // The shared directions j < lo weigh (1 - α)·s_a + α·s_b; the band lo ≤ j < hi weighs
+    // s_hi·α (or s_hi·(1 - α)). The layer multiplies the gates by the token's rung scale.
+    let shared = (1.0 - alpha) * sa + alpha * sb;
+    if s_hi == 0.0 {
+        // The band weighs 0: the token runs at the lower rank, whose scale carries the shared
+        // weight (dividing by s_hi = 0 would lose it).
+        let gate_lo = if s_lo > 0.0 { shared / s_lo } else { 0.0 };
+        return Some(TokenGate {
+            rank: lo,
+            lo,
+            gate_lo: gate_lo as f32,
+            gate_hi: 1.0,
+        });
+    }
     let gate_hi = if b > a { alpha } else { 1.0 - alpha };
     Some(TokenGate {
         rank: hi,
-        lo: a.min(b),
-        gate_lo: gate_lo as f32,
+        lo,
+        gate_lo: (shared / s_hi) as f32,
         gate_hi: gate_hi as f32,
     })
 }
@@ -126,6 +135,27 @@ mod tests {
         let up = ramp(&cfg, 4, 8, 0).unwrap();
         // (0.75*1 + 0.25*2) / 2
         assert!((up.gate_lo - 0.625).abs() < 1e-7);
+    }
+
+    #[test]
+    fn zero_upper_scale_keeps_the_shared_weight() {
+        // Rank 8 has scale 0: a 4 -> 8 ramp must fade rank 4 out ((1 - α)·1), not weigh 0.
+        let mut cfg = SchedulerConfig::with_rungs(vec![0, 4, 8]);
+        cfg.crossfade = 3;
+        cfg.rung_scales = vec![1.0, 2.0, 0.0];
+        for i in 0..3 {
+            let alpha = (i + 1) as f32 / 4.0;
+            for (a, b) in [(4, 8), (8, 4)] {
+                let g = ramp(&cfg, a, b, i).unwrap();
+                let want = if a == 4 { 1.0 - alpha } else { alpha };
+                assert_eq!((g.rank, g.lo), (4, 4));
+                // the layer applies scale_of_rank(4) = 2 times gate_lo to directions < 4
+                assert!(
+                    (2.0 * g.gate_lo - 2.0 * want).abs() < 1e-6,
+                    "{a}->{b} i={i}: {g:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -46,6 +46,13 @@ pub const MAX_NOVELTY_WINDOW: usize = 1 << 16;
 
 pub const DEFAULT_RUNGS: [u32; 6] = [0, 4, 8, 16, 32, 64];
 
+/// Largest rung (rank): plans carry ranks as int32 and LoRA ranks are far below this.
+pub const MAX_RANK: u32 = 1 << 16;
+
+/// Largest rung scale and signal weight: scales reach the layers as float32 and weights are
+/// summed, so a larger value would overflow to inf (and NaN difficulty) instead of meaning more.
+pub const MAX_SCALE: f64 = 1e6;
+
 /// Everything the scheduler needs to turn signals into a plan. Build it, then call
 /// [`SchedulerConfig::validate`] (the planner does so too).
 #[derive(Debug, Clone, PartialEq)]
@@ -167,14 +174,20 @@ impl SchedulerConfig {
                 ),
             ));
         }
+        if let Some(&r) = self.rungs.iter().find(|&&r| r > MAX_RANK) {
+            return Err(CoreError::config(
+                "rungs",
+                format!("{r} is larger than the largest rank {MAX_RANK}"),
+            ));
+        }
         if let Some(s) = self
             .rung_scales
             .iter()
-            .find(|s| !s.is_finite() || **s < 0.0)
+            .find(|s| !s.is_finite() || **s < 0.0 || **s > MAX_SCALE)
         {
             return Err(CoreError::config(
                 "rung_scales",
-                format!("{s} is not finite and >= 0"),
+                format!("{s} is outside [0, {MAX_SCALE:e}]"),
             ));
         }
         check_cuts("thresholds", &self.thresholds, m, false)?;
@@ -263,6 +276,12 @@ impl SchedulerConfig {
             ("weights.probe", w.probe),
         ] {
             check_nonneg(name, v)?;
+            if v > MAX_SCALE {
+                return Err(CoreError::config(
+                    name,
+                    format!("{v} is larger than {MAX_SCALE:e}"),
+                ));
+            }
         }
         if self.ngram == 0 || self.ngram > 16 {
             return Err(CoreError::config(

@@ -11,7 +11,10 @@ pub mod error;
 pub mod segment;
 pub mod signals;
 
-pub use config::{RungMode, SchedulerConfig, SignalWeights, DEFAULT_RUNGS, MAX_NOVELTY_WINDOW};
+pub use config::{
+    RungMode, SchedulerConfig, SignalWeights, DEFAULT_RUNGS, MAX_NOVELTY_WINDOW, MAX_RANK,
+    MAX_SCALE,
+};
 pub use error::{CoreError, Result};
 pub mod compose;
 pub mod decode;

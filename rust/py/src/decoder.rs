@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 
 use crate::arrays::{array1, opt_array1, opt_slice, slice};
-use crate::errors::{input_err, IntoPyResult};
+use crate::errors::{input_err, int_arg, IntoPyResult};
 use crate::scheduler::Scheduler;
 
 /// Per-step outputs, one entry per sequence; rewritten in place by every `step`.
@@ -60,9 +60,10 @@ impl DecodeBatch {
     fn new(
         py: Python<'_>,
         scheduler: &Scheduler,
-        batch_size: i64,
+        batch_size: &Bound<'_, PyAny>,
         thresholds: Option<Vec<f64>>,
     ) -> PyResult<Self> {
+        let batch_size = int_arg(py, "batch_size", batch_size)?;
         let b = usize::try_from(batch_size)
             .map_err(|_| input_err(py, "batch_size", format!("{batch_size} is negative")))?;
         let planner = scheduler.planner.clone();
@@ -125,14 +126,16 @@ impl DecodeBatch {
     }
 
     /// Starts a new sequence in slot `index` (continuous batching).
-    fn reset(&mut self, py: Python<'_>, index: i64) -> PyResult<()> {
+    fn reset(&mut self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<()> {
+        let index = int_arg(py, "index", index)?;
         let b = usize::try_from(index)
             .map_err(|_| input_err(py, "index", format!("{index} is negative")))?;
         self.inner.reset(&self.planner, b).py_err(py)
     }
 
     /// Tokens on high (budgeted) rungs and tokens in total, for sequence `index`.
-    fn counts(&self, py: Python<'_>, index: i64) -> PyResult<(usize, usize)> {
+    fn counts(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+        let index = int_arg(py, "index", index)?;
         usize::try_from(index)
             .ok()
             .and_then(|b| self.inner.seq(b))

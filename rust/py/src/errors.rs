@@ -28,6 +28,29 @@ pub fn config_err(py: Python<'_>, param: &str, msg: impl Into<String>) -> PyErr 
     chunkwise_err(py, "ConfigError", param, format!("{param}: {}", msg.into()))
 }
 
+/// An int argument as `i64`: a bool, a non-int or an int outside int64 is an `InputError`
+/// naming `param` (PyO3 alone would raise `TypeError` / `OverflowError`).
+pub fn int_arg(py: Python<'_>, param: &str, value: &Bound<'_, PyAny>) -> PyResult<i64> {
+    let ty = || {
+        value
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    if value.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(input_err(py, param, "expected an int, got bool"));
+    }
+    value.extract::<i64>().map_err(|e| {
+        let why: PyErr = e.into();
+        input_err(
+            py,
+            param,
+            format!("expected an int in int64, got {} ({why})", ty()),
+        )
+    })
+}
+
 /// Converts a core error to the matching Python exception.
 pub fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
     let class = match e {
