@@ -16,11 +16,17 @@ __all__ = [
     "__version__",
     "DEFAULT_RUNGS",
     "PLAN_ARRAYS",
+    "MAX_RANK",
+    "MAX_SCALE",
+    "MAX_NOVELTY_WINDOW",
 ]
 
 __version__: str
 DEFAULT_RUNGS: tuple[int, ...]
 PLAN_ARRAYS: tuple[str, ...]
+MAX_RANK: int
+MAX_SCALE: float
+MAX_NOVELTY_WINDOW: int
 
 @final
 class Config:

@@ -93,8 +93,24 @@ class GenerationResult:
 
 
 def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
-        raise InputError("input_ids: must be an integer tensor [batch, seq]", "input_ids")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.ndim != 2
+        or input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+        or input_ids.dtype == torch.bool
+    ):
+        what = (
+            f"a {input_ids.dtype} tensor of {input_ids.ndim} dims"
+            if isinstance(input_ids, torch.Tensor)
+            else None
+        )
+        raise InputError(
+            f"input_ids: must be an integer tensor [batch, seq], got {what or type(input_ids).__name__}",
+            "input_ids",
+        )
+    if input_ids.shape[0] == 0:
+        raise InputError("input_ids: the batch is empty", "input_ids")
     if input_ids.shape[1] == 0:
         raise InputError("input_ids: the prompt is empty", "input_ids")
     if attention_mask is None:
@@ -112,6 +128,23 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, to
             f"attention_mask: holds {bad}; only 0 (padding) and 1 (token) mean anything", "attention_mask"
         )
     return input_ids, attention_mask.to(input_ids.device).long()
+
+
+def _int_option(name: str, value: Any, lo: int, hi: int, optional: bool = False) -> None:
+    """An int option in [lo, hi] (None allowed when ``optional``), else an InputError naming it."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+        allowed = f"an int in [{lo}, {hi}]" + (" or None" if optional else "")
+        raise InputError(f"{name}: must be {allowed}, got {value!r}", name)
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the model's input embedding (the ids it can read), else ``config.vocab_size``."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, torch.nn.Embedding):
+        return int(emb.num_embeddings)
+    return int(model.config.vocab_size)
 
 
 def _pick(
@@ -149,20 +182,39 @@ class Generation:
         score_prompt: bool = False,
     ) -> None:
         self.ids, self.mask = _check_inputs(input_ids, attention_mask)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}", "max_new_tokens")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise InputError(
-                f"prefill_chunk: must be an int >= 1 or None, got {prefill_chunk!r}", "prefill_chunk"
-            )
+        _int_option("max_new_tokens", max_new_tokens, 1, 2**31 - 1)
+        _int_option("prefill_chunk", prefill_chunk, 1, 2**31 - 1, optional=True)
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
             raise InputError(f"temperature: must be a number >= 0, got {temperature!r}", "temperature")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k: must be an int >= 1 or None, got {top_k!r}", "top_k")
+        if not math.isfinite(temperature):
+            raise InputError(f"temperature: must be finite, got {temperature!r}", "temperature")
+        _int_option("top_k", top_k, 1, 2**63 - 1, optional=True)
+        _int_option("seed", seed, 0, 2**63 - 1, optional=True)
+        if not isinstance(score_prompt, bool | np.bool_):
+            raise InputError(f"score_prompt: must be True or False, got {score_prompt!r}", "score_prompt")
+        if policy is not None and not isinstance(policy, KvPolicy):
+            hint = (
+                f" (for a named policy use KvPolicy.named({policy!r}, budget))"
+                if isinstance(policy, str)
+                else ""
+            )
+            raise InputError(
+                f"policy: must be a chunkwise.kv.KvPolicy or None, got {policy!r}{hint}", "policy"
+            )
         if self.mask.sum(-1).min().item() == 0:
             raise InputError("attention_mask: a sequence has no real token", "attention_mask")
         self.cwm = model if isinstance(model, ChunkwiseModel) else None
         self.hf = model.model if self.cwm is not None else model
+        vocab = _vocab_size(self.hf)
+        _int_option("eos_token_id", eos_token_id, 0, vocab - 1, optional=True)
+        _int_option("pad_token_id", pad_token_id, 0, vocab - 1)
+        real = self.ids[self.mask.bool()]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+            raise InputError(
+                f"input_ids: token ids must be in [0, {vocab}) (the model's vocabulary), got "
+                f"[{int(real.min())}, {int(real.max())}]",
+                "input_ids",
+            )
         self.batch = self.ids.shape[0]
         self.adapters = adapters
         self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None

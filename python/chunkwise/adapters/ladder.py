@@ -57,7 +57,12 @@ def factor_update(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch
     qb, rb = torch.linalg.qr(b64)  # b = qb rb, qb [out, r]
     qa, ra = torch.linalg.qr(a64.T)  # aᵀ = qa ra, qa [in, r]
     # Thin SVD: a LoRA rank above min(in, out) (PEFT allows it) leaves min(r, in, out) directions.
-    u, s, vh = torch.linalg.svd(scale * rb @ ra.T, full_matrices=False)
+    core = scale * rb @ ra.T
+    if not bool(torch.isfinite(core).all()):
+        raise AdapterError(
+            f"scale * lora_B @ lora_A overflows float64 (scale {scale}); the factors are too large", "weights"
+        )
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
     root = s.sqrt()
     return (root[:, None] * (vh @ qa.T)), ((qb @ u) * root[None, :])
 
@@ -103,7 +108,15 @@ class RankLadder:
             s = settings.scaling(mod)
             a, b = factor_update(w.a, w.b, s)
             bias = None if w.bias is None or mod in stray else (s * w.bias.to(torch.float64)).to(dtype)
-            modules[mod] = LadderModule(a.to(dtype), b.to(dtype), bias)
+            module = LadderModule(a.to(dtype), b.to(dtype), bias)
+            if not all(
+                bool(torch.isfinite(t).all()) for t in (module.a, module.b, module.bias) if t is not None
+            ):
+                raise AdapterError(
+                    f"{path}: module {mod!r}: the scaled factors overflow {dtype} (values too large)",
+                    "weights",
+                )
+            modules[mod] = module
         return cls(modules, settings, weights.saved, name or path.name, config)
 
     @property

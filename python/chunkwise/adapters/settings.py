@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import _core
 from ..errors import AdapterError
 from .files import CONFIG_FILE, read_json
 
@@ -142,16 +143,6 @@ def _layer_index(key: str, patterns: tuple[str, ...] | None) -> int | None:
     return int(m.group("idx")) if m else None
 
 
-def _tuple(value: Any, kind: type, name: str) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, kind):
-        return (value,)
-    if isinstance(value, (list, tuple, set)):
-        return tuple(value)
-    raise AdapterError(f"adapter_config.json: {name} has an unexpected value {value!r}", name)
-
-
 def read_config(path: str | Path) -> dict[str, Any]:
     """The raw ``adapter_config.json`` of the adapter directory ``path`` (a JSON object)."""
     if not isinstance(path, str | Path):
@@ -192,32 +183,110 @@ def settings_from_dict(raw: Mapping[str, Any], where: str = CONFIG_FILE) -> Lora
             continue
         if not _inactive(value):
             raise AdapterError(f"{where}: {key}={value!r} is not supported by chunkwise", key)
-    try:
-        r = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{where}: r / lora_alpha missing or not numbers", "r") from None
-    if r <= 0:
-        raise AdapterError(f"{where}: r={r} must be positive", "r")
-    rank_pattern = {str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()}
-    if any(v <= 0 for v in rank_pattern.values()):
-        raise AdapterError(f"{where}: rank_pattern has a non-positive rank", "rank_pattern")
+    if "r" not in raw:
+        raise AdapterError(f"{where}: r is missing", "r")
+    r = _rank(raw["r"], "r", where)
+    alpha = _number(raw.get("lora_alpha", 8), "lora_alpha", where)
+    rank_pattern = {
+        k: _rank(v, "rank_pattern", where) for k, v in _patterns(raw, "rank_pattern", where).items()
+    }
+    alpha_pattern = {
+        k: _number(v, "alpha_pattern", where) for k, v in _patterns(raw, "alpha_pattern", where).items()
+    }
     ltt = raw.get("layers_to_transform")
     lp = raw.get("layers_pattern")
-    layers_pattern = (lp,) if isinstance(lp, str) and lp else (tuple(lp) if lp else None)
+    layers_pattern = _strings(lp, "layers_pattern", where, regex=True) if lp else None
+    target_modules = raw.get("target_modules")
+    exclude_modules = raw.get("exclude_modules")
     return LoraSettings(
         r=r,
         lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
+        use_rslora=_flag(raw, "use_rslora", where),
         rank_pattern=rank_pattern,
-        alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-        target_modules=_tuple(raw.get("target_modules"), str, "target_modules"),
-        exclude_modules=_tuple(raw.get("exclude_modules"), str, "exclude_modules"),
-        layers_to_transform=None
-        if ltt is None
-        else tuple(int(i) for i in _tuple(ltt, int, "layers_to_transform")),
-        layers_pattern=layers_pattern,
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        lora_bias=bool(raw.get("lora_bias", False)),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
+        alpha_pattern=alpha_pattern,
+        target_modules=None if target_modules is None else _names(target_modules, "target_modules", where),
+        exclude_modules=None
+        if exclude_modules is None
+        else _names(exclude_modules, "exclude_modules", where),
+        layers_to_transform=None if ltt is None else _layers(ltt, where),
+        layers_pattern=None if layers_pattern is None else tuple(layers_pattern),
+        fan_in_fan_out=_flag(raw, "fan_in_fan_out", where),
+        lora_bias=_flag(raw, "lora_bias", where),
+        modules_to_save=tuple(
+            _strings(raw.get("modules_to_save") or (), "modules_to_save", where, regex=True)
+        ),
     )
+
+
+#: Largest LoRA rank read (the scheduler's largest rung, ``chunkwise._core.MAX_RANK``).
+MAX_RANK: int = int(_core.MAX_RANK)
+
+
+def _rank(value: Any, name: str, where: str) -> int:
+    """A positive int rank (an integral float such as 8.0 too, as JSON may write it)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise AdapterError(f"{where}: {name} must be an int rank in [1, {MAX_RANK}], got {value!r}", name)
+    return value
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    """A finite number (lora_alpha and alpha_pattern values)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"{where}: {name} must be a finite number, got {value!r}", name)
+    return float(value)
+
+
+def _flag(raw: Mapping[str, Any], name: str, where: str) -> bool:
+    value = raw.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise AdapterError(f"{where}: {name} must be true or false, got {value!r}", name)
+    return value
+
+
+def _regex(pattern: str, name: str, where: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise AdapterError(
+            f"{where}: {name} {pattern!r} is not a valid regular expression ({e})", name
+        ) from None
+    return pattern
+
+
+def _strings(value: Any, name: str, where: str, regex: bool = False) -> list[str]:
+    """A string or a list of strings (each a valid regular expression with ``regex``)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise AdapterError(f"{where}: {name} must be a string or a list of strings, got {value!r}", name)
+    return [_regex(v, name, where) if regex else v for v in items]
+
+
+def _names(value: Any, name: str, where: str) -> tuple[str, ...] | str:
+    """target_modules / exclude_modules: a regex string (PEFT full-matches it) or module names."""
+    if isinstance(value, str):
+        return _regex(value, name, where)
+    return tuple(_strings(value, name, where))
+
+
+def _patterns(raw: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: an object whose keys are regular expressions."""
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{where}: {name} must be an object of pattern: value, got {value!r}", name)
+    return {_regex(str(k), name, where): v for k, v in value.items()}
+
+
+def _layers(value: Any, where: str) -> tuple[int, ...]:
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise AdapterError(
+            f"{where}: layers_to_transform must be a layer index or a list of them, got {value!r}",
+            "layers_to_transform",
+        )
+    return tuple(items)

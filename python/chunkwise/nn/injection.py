@@ -103,6 +103,12 @@ def _check_ladders(model: nn.Module, ladders: list[RankLadder]) -> None:
         )
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return f"{type(value).__name__} of {sorted({type(v).__name__ for v in value}) or 'nothing'}"
+    return type(value).__name__
+
+
 class ChunkwiseModel:
     """A model with ladders injected. Use :meth:`plan` / :meth:`run` / :meth:`top_rung` to choose
     ranks per forward; :meth:`unload` restores the original model."""
@@ -112,7 +118,24 @@ class ChunkwiseModel:
     ) -> None:
         """Checks every ladder against ``model``, then wraps the modules they adapt (the same as
         :func:`inject`). Raises :class:`AdapterError`, model untouched, when one does not fit."""
-        ladders = [ladders] if isinstance(ladders, RankLadder) else list(ladders)
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}", "model")
+        if isinstance(ladders, RankLadder):
+            ladders = [ladders]
+        elif (
+            isinstance(ladders, list | tuple) and ladders and all(isinstance(x, RankLadder) for x in ladders)
+        ):
+            ladders = list(ladders)
+        else:
+            raise InputError(
+                f"ladders: expected a RankLadder or a non-empty list of them, got {_describe(ladders)}",
+                "ladders",
+            )
+        if scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise InputError(
+                f"scheduler: expected a chunkwise.Scheduler or None, got {type(scheduler).__name__}",
+                "scheduler",
+            )
         _check_ladders(model, ladders)
         self.model = model
         self.ladders = ladders

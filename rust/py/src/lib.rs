@@ -34,6 +34,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "DEFAULT_RUNGS",
         PyTuple::new(m.py(), chunkwise_core::DEFAULT_RUNGS)?,
     )?;
+    m.add("MAX_RANK", chunkwise_core::MAX_RANK)?;
+    m.add("MAX_SCALE", chunkwise_core::MAX_SCALE)?;
+    m.add("MAX_NOVELTY_WINDOW", chunkwise_core::MAX_NOVELTY_WINDOW)?;
     m.add(
         "PLAN_ARRAYS",
         PyTuple::new(m.py(), chunkwise_core::PLAN_ARRAYS)?,
