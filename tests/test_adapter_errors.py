@@ -414,3 +414,128 @@ def test_a_lora_bias_the_config_does_not_enable_is_ignored_like_peft_does(base, 
     assert all(m.bias is None for m in ladder.modules.values())
     cwm = chunkwise.inject(copy.deepcopy(base), ladder)
     assert_matches(top_rung_logits(cwm, ids), logits(peft, ids), logits(base, ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the fuzzer found (issue 12): each used to raise something outside the chunkwise hierarchy
+
+
+@pytest.mark.parametrize(
+    ("changes", "parameter"),
+    [
+        ({"target_modules": "("}, "target_modules"),  # re.error when matching
+        ({"target_modules": ["q_proj", 3]}, "target_modules"),  # TypeError in endswith
+        ({"exclude_modules": "["}, "exclude_modules"),
+        ({"rank_pattern": ["q_proj"]}, "rank_pattern"),  # AttributeError: list has no items
+        ({"rank_pattern": {"(": 4}}, "rank_pattern"),
+        ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern"),  # ValueError from int()
+        ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),  # LinAlgError in the SVD
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"r": 4.5}, "r"),
+        ({"r": True}, "r"),
+        ({"r": 2**40}, "r"),
+        ({"lora_bias": "yes"}, "lora_bias"),
+        ({"layers_to_transform": "x"}, "layers_to_transform"),
+        ({"modules_to_save": [3]}, "modules_to_save"),
+    ],
+)
+def test_bad_config_values_are_adapter_errors(base, adapter, changes, parameter):
+    _edit_config(adapter, **changes)
+    with pytest.raises(AdapterError) as ei:
+        RankLadder.from_peft(adapter)
+    assert ei.value.parameter == parameter, str(ei.value)
+
+
+def test_an_integral_float_rank_is_read_as_the_rank(base, adapter, clean):
+    _edit_config(adapter, r=4.0)
+    _accepted(base, adapter, clean)
+
+
+def test_a_deeply_nested_config_is_an_adapter_error(adapter):
+    (adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        RankLadder.from_peft(adapter)
+
+
+def test_factors_that_overflow_the_ladder_dtype_are_refused(base, adapter):
+    t = _tensors(adapter)
+    key = next(k for k in t if "lora_B" in k)
+    t[key] = t[key].clone()
+    t[key].view(-1)[0] = 1e15  # finite, but the nested factors (~1e7) are not in float16
+    _write_tensors(adapter, t)
+    assert RankLadder.from_peft(adapter).modules  # float32 holds them
+    with pytest.raises(AdapterError) as ei:
+        RankLadder.from_peft(adapter, dtype=torch.float16)
+    assert ei.value.parameter == "weights" and "float16" in str(ei.value)
+
+
+def _refused_quickly(fn, match):
+    """``fn()`` raises AdapterError(match) within 20 s (a blocking read would hang the test)."""
+    import threading
+
+    box: dict[str, BaseException] = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["e"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(20)
+    assert not th.is_alive(), "the read blocked"
+    assert isinstance(box.get("e"), AdapterError), box
+    assert match in str(box["e"])
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_fifo_in_place_of_an_adapter_file_is_refused_without_blocking(adapter, name):
+    (adapter / name).unlink()
+    os.mkfifo(adapter / name)
+    _refused_quickly(lambda: RankLadder.from_peft(adapter), "FIFO")
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_link_to_an_endless_device_is_refused(adapter, name):
+    (adapter / name).unlink()
+    (adapter / name).symlink_to("/dev/zero")
+    _refused_quickly(lambda: RankLadder.from_peft(adapter), "regular file")
+
+
+def test_ladder_files_that_are_fifos_or_devices_are_refused(clean, tmp_path):
+    ladder = RankLadder.from_peft(clean[0])
+    file = ladder.save(tmp_path)
+    file.unlink()
+    os.mkfifo(file)
+    _refused_quickly(lambda: RankLadder.load(tmp_path), "FIFO")
+    file.unlink()
+    file.symlink_to("/dev/zero")
+    _refused_quickly(lambda: RankLadder.load(file), "regular file")
+
+
+def test_a_path_that_is_not_a_path_is_an_adapter_error():
+    for call in (RankLadder.from_peft, RankLadder.load):
+        with pytest.raises(AdapterError) as ei:
+            call(5)
+        assert ei.value.parameter == "path"
+
+
+@pytest.mark.parametrize("ladders", [None, "x", [None], [object()], 3])
+def test_inject_names_ladders_that_are_not_ladders(base, ladders):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(AdapterError) as ei:
+        chunkwise.inject(model, ladders)
+    assert ei.value.parameter == "ladders"
+    assert_unchanged(model, snap)
+
+
+def test_inject_names_a_scheduler_that_is_not_one(base, clean):
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(chunkwise.InputError) as ei:
+        chunkwise.inject(model, RankLadder.from_peft(clean[0]), {"rungs": (0, 4)})
+    assert ei.value.parameter == "scheduler"
+    assert_unchanged(model, snap)

@@ -152,6 +152,19 @@ def test_scored_policies_run_inside_generate(adapted, policy):
         ({"temperature": float("nan")}, "temperature"),
         ({"attention_mask": torch.full((1, 4), 2)}, "attention_mask"),  # 2s used to shift positions
         ({"attention_mask": torch.full((1, 4), 0.5)}, "attention_mask"),
+        # found by the fuzzer: each raised TypeError, AttributeError, RuntimeError, OverflowError
+        ({"policy": "sinks"}, "policy"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+        ({"pad_token_id": VOCAB}, "pad_token_id"),
+        ({"pad_token_id": b"\x00"}, "pad_token_id"),
+        ({"eos_token_id": 2**40}, "eos_token_id"),
+        ({"seed": {"a": 1}}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"top_k": True}, "top_k"),
+        ({"prefill_chunk": True}, "prefill_chunk"),
+        ({"max_new_tokens": 2**70}, "max_new_tokens"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"score_prompt": "yes"}, "score_prompt"),
     ],
 )
 def test_bad_generation_options(kwargs, param):
@@ -188,6 +201,19 @@ def test_bad_prompts():
         cw.generate(model, ids, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(cw.InputError, match="input_ids"):
         cw.generate(model, ids.float())
+    # found by the fuzzer: IndexError / RuntimeError from inside the model before
+    for bad, match in [
+        (ids.bool(), "bool"),
+        (ids[:0], "batch is empty"),
+        (torch.full((1, 3), VOCAB), "vocabulary"),
+        (torch.full((1, 3), -1), "vocabulary"),
+    ]:
+        with pytest.raises(cw.InputError, match=match) as e:
+            cw.generate(model, bad, max_new_tokens=1)
+        assert e.value.parameter == "input_ids"
+    # padding columns are embedded too: an out-of-vocabulary id there is refused as well
+    with pytest.raises(cw.InputError, match="padding included"):
+        cw.generate(model, torch.tensor([[-5, 7, 8]]), torch.tensor([[0, 1, 1]]), max_new_tokens=1)
 
 
 def test_prefill_difficulty_in_the_cache_is_the_predicting_entropy():

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import chunkwise
 from chunkwise import Plan, Scheduler, SchedulerConfig
 
 VOCAB = 1000
@@ -140,3 +141,39 @@ def test_threads_decode_separate_batches():
         got = list(pool.map(run, streams))
     for a, b in zip(serial, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_thread_writing_into_the_inputs_cannot_make_a_plan_from_unchecked_values():
+    """Planning runs with the GIL released. It used to check the signals, then read them again:
+    a thread writing NaN meanwhile gave NaN plans. Now each plan sees one copy: it is refused
+    (the copy held a NaN) or finite."""
+    rng = np.random.default_rng(0)
+    n = 1 << 15
+    ids = rng.integers(0, 1000, n)
+    ent = rng.random(n).astype(np.float32)
+    sched = Scheduler(SchedulerConfig(novelty_window=64))
+    stop = threading.Event()
+
+    def writer():  # one value flips: a check may pass on 0.5 and the plan then read NaN
+        k = n // 2
+        while not stop.is_set():
+            ent[k] = np.nan
+            ent[k] = 0.5
+
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    outcomes = {"refused": 0, "finite": 0}
+    try:
+        for _ in range(200):  # before the copy: ~20 % of these plans held NaN on 2 cores
+            try:
+                plan = sched.plan(ids, entropy=ent)
+            except chunkwise.InputError as e:
+                assert e.parameter == "entropy"
+                outcomes["refused"] += 1
+                continue
+            assert np.isfinite(plan.difficulty).all() and np.isfinite(plan.chunk_difficulty).all()
+            outcomes["finite"] += 1
+    finally:
+        stop.set()
+        th.join()
+    assert sum(outcomes.values()) == 200

@@ -208,11 +208,11 @@ class Generation:
         vocab = _vocab_size(self.hf)
         _int_option("eos_token_id", eos_token_id, 0, vocab - 1, optional=True)
         _int_option("pad_token_id", pad_token_id, 0, vocab - 1)
-        real = self.ids[self.mask.bool()]
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        lo, hi = int(self.ids.min()), int(self.ids.max())  # padding columns are embedded too
+        if lo < 0 or hi >= vocab:
             raise InputError(
-                f"input_ids: token ids must be in [0, {vocab}) (the model's vocabulary), got "
-                f"[{int(real.min())}, {int(real.max())}]",
+                f"input_ids: token ids (padding included) must be in [0, {vocab}), the model's "
+                f"vocabulary; got [{lo}, {hi}]",
                 "input_ids",
             )
         self.batch = self.ids.shape[0]

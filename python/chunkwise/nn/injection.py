@@ -127,7 +127,7 @@ class ChunkwiseModel:
         ):
             ladders = list(ladders)
         else:
-            raise InputError(
+            raise AdapterError(
                 f"ladders: expected a RankLadder or a non-empty list of them, got {_describe(ladders)}",
                 "ladders",
             )

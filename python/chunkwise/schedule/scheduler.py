@@ -182,6 +182,4 @@ class Scheduler:
         if thresholds is not None:
             arr = _checked_array("thresholds", _as_numpy(thresholds, "thresholds"), np.dtype(np.float64))
             th = [float(t) for t in arr.reshape(-1)]
-        if not isinstance(batch_size, int | np.integer):
-            raise InputError(f"batch_size: must be an int, got {type(batch_size).__name__}", "batch_size")
-        return _core.DecodeBatch(self._core, int(batch_size), th)
+        return _core.DecodeBatch(self._core, batch_size, th)  # the core checks batch_size

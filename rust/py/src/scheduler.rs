@@ -69,19 +69,36 @@ impl Scheduler {
         let probe = opt_array1::<f32>(probe, "probe", "float32")?;
         let difficulty = opt_array1::<f32>(difficulty, "difficulty", "float32")?;
         let adapters = opt_array1::<i32>(adapters, "adapters", "int32")?;
-        let input = PlanInput {
-            token_ids: slice(&ids),
-            seq_lengths: &lens,
-            signals: SignalArrays {
-                entropy: opt_slice(&entropy),
-                surprisal: opt_slice(&surprisal),
-                probe: opt_slice(&probe),
-            },
-            difficulty: opt_slice(&difficulty),
-            adapters: opt_slice(&adapters),
-        };
+        let (ids, entropy, surprisal) = (slice(&ids), opt_slice(&entropy), opt_slice(&surprisal));
+        let (probe, difficulty, adapters) = (
+            opt_slice(&probe),
+            opt_slice(&difficulty),
+            opt_slice(&adapters),
+        );
         let planner = &self.planner;
-        let plan = py.detach(|| planner.plan(&input)).py_err(py)?;
+        let plan = py
+            .detach(|| {
+                // The caller's arrays are copied once, then validated and planned from the copy:
+                // another thread writing into them while the GIL is released cannot make the
+                // plan read values other than those it checked (a few % of the plan's time).
+                let owned = |x: Option<&[f32]>| x.map(<[f32]>::to_vec);
+                let ids = ids.to_vec();
+                let (entropy, surprisal) = (owned(entropy), owned(surprisal));
+                let (probe, difficulty) = (owned(probe), owned(difficulty));
+                let adapters = adapters.map(<[i32]>::to_vec);
+                planner.plan(&PlanInput {
+                    token_ids: &ids,
+                    seq_lengths: &lens,
+                    signals: SignalArrays {
+                        entropy: entropy.as_deref(),
+                        surprisal: surprisal.as_deref(),
+                        probe: probe.as_deref(),
+                    },
+                    difficulty: difficulty.as_deref(),
+                    adapters: adapters.as_deref(),
+                })
+            })
+            .py_err(py)?;
         plan_to_dict(py, plan)
     }
 

@@ -35,7 +35,9 @@ pub fn surprisal_from_logits<'py>(
     let data = arr.as_slice()?;
     let ids = slice(&ids);
     let out = py
-        .detach(|| signals::surprisal_from_logits(data, vocab, ids))
+        // the ids are copied before they are checked: a thread writing into them meanwhile
+        // cannot turn a checked id into an out-of-range index
+        .detach(|| signals::surprisal_from_logits(data, vocab, &ids.to_vec()))
         .py_err(py)?;
     Ok(out.into_pyarray(py))
 }
