@@ -4,10 +4,9 @@ names the parameter it blames."""
 
 from __future__ import annotations
 
+import chunkwise as cw
 import numpy as np
 import pytest
-
-import chunkwise as cw
 from chunkwise import kv
 
 

@@ -9,9 +9,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import chunkwise
 import numpy as np
 import pytest
-import chunkwise
 from chunkwise import Plan, Scheduler, SchedulerConfig
 
 VOCAB = 1000
