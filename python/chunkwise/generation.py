@@ -218,7 +218,9 @@ class Generation:
         self.batch = self.ids.shape[0]
         self.adapters = adapters
         self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None
-        self.cache = PolicyCache(policy, self.hf.config, self.mask)
+        # per row: each sequence evicts when it would alone (batch-invariant tokens); every
+        # forward then passes the cache's own mask of the slots it holds
+        self.cache = PolicyCache(policy, self.hf.config, self.mask, per_row=True)
         #: The longest left padding (one host copy of the mask, here, not per prefill chunk).
         self.max_pad = max(left_padding(self.mask))
         self.score_prompt = bool(score_prompt)
@@ -304,7 +306,7 @@ class Generation:
                 self.hf,
                 requests,
                 input_ids=self.ids[:, s:e],
-                attention_mask=self.mask[:, :e],
+                attention_mask=self.cache.forward_mask(self.mask[:, s:e]),
                 position_ids=self.positions[:, s:e],
                 cache=self.cache,
                 use_cache=True,
@@ -364,7 +366,7 @@ class Generation:
             dplan = DecodePlan(self.ad, top, device, dtype)  # buffers allocated once
         done = np.zeros(self.batch, bool)
         chunk_id = np.zeros(self.batch, np.uint64)
-        mask, pos = self.mask, self.positions[:, -1:]
+        one, pos = torch.ones_like(self.mask[:, :1]), self.positions[:, -1:]
         for step in range(self.max_new_tokens):
             tok = _pick(logits, self.temperature, self.top_k, self.gen)
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
@@ -393,9 +395,8 @@ class Generation:
             if done.all() or step == self.max_new_tokens - 1:
                 return
             self.cache.set_difficulty(difficulty, chunk_id)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
-            logits = self._forward(tok[:, None], mask, pos, tp)[:, -1]
+            logits = self._forward(tok[:, None], self.cache.forward_mask(one), pos, tp)[:, -1]
 
 
 def stream(

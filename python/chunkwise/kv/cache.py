@@ -135,6 +135,7 @@ class PolicyCache(Cache):
         policy: KvPolicy | None = None,
         config: Any = None,
         attention_mask: torch.Tensor | None = None,
+        per_row: bool = False,
     ) -> None:
         if config is None:
             raise InputError("config: PolicyCache needs the model's config (model.config)", "config")
@@ -144,6 +145,7 @@ class PolicyCache(Cache):
             raise InputError(f"config: has no usable num_hidden_layers ({n_layers!r})", "config")
         super().__init__(layers=[PolicyLayer(self) for _ in range(n_layers)])
         self.policy = policy if policy is not None else KvPolicy.full()
+        self.per_row = bool(per_row)
         self.padding = left_padding(attention_mask) if attention_mask is not None else None
         self.ledger: _core.KvLedger | None = None
         self.evictions = 0
@@ -236,27 +238,47 @@ class PolicyCache(Cache):
                     f"attention_mask: has {len(pad)} rows for a batch of {batch}", "attention_mask"
                 )
             self.policy = self.policy.tokens(self._bytes_per_token(key_states))
-            self.ledger = self.policy.ledger(pad)
+            self.ledger = self.policy.ledger(pad, per_row=self.per_row)
         elif self.policy.attention_weight > 0 and not self._scores_seen:
             raise StateError(
                 "PolicyCache: this policy ranks tokens by attention but no scores arrived; run the "
                 "model inside chunkwise.kv.track_attention(model)",
                 "attention_weight",
             )
-        self._flush_scores()
-        keep = self.ledger.evict()
-        if keep is not None:
-            self.evictions += 1
-            index = torch.from_numpy(keep)
-            first = keep[0]
-            same = bool((keep == first).all()) and first[-1] - first[0] + 1 == len(first)
-            contiguous = slice(int(first[0]), int(first[-1]) + 1) if same else None
-            for i in range(len(self.layers)):
-                self.policy_layer(i).gather(None if same else index, contiguous)
+        self.prepare()
         diff, chunk = self._pending
         self._pending = (None, None)
         self.ledger.append(q, diff, chunk)
         self._scores_seen = self.policy.attention_weight == 0
+
+    def prepare(self) -> None:
+        """Runs the eviction the next forward starts with, now (a second call does nothing), so
+        that :meth:`forward_mask` can describe the slots that forward attends to."""
+        if self.ledger is None:
+            return
+        self._flush_scores()
+        keep = self.ledger.evict()
+        if keep is None:
+            return
+        self.evictions += 1
+        index = torch.from_numpy(keep)
+        first = keep[0]
+        same = bool((keep == first).all()) and first[-1] - first[0] + 1 == len(first)
+        contiguous = slice(int(first[0]), int(first[-1]) + 1) if same else None
+        for i in range(len(self.layers)):
+            self.policy_layer(i).gather(None if same else index, contiguous)
+
+    def forward_mask(self, new: torch.Tensor) -> torch.Tensor:
+        """The 2-D attention mask of the next forward, whose own tokens have the 0/1 mask
+        ``new`` [batch, q]: ``seen + q`` columns, the held slots' validity (padding and dead
+        slots 0) just before ``new``. A per-row cache needs it (its rows hold different numbers
+        of real slots); for the other it equals the padding mask so far."""
+        if self.ledger is None:
+            return new
+        self.prepare()
+        valid = torch.from_numpy(self.ledger.valid()).to(device=new.device, dtype=new.dtype)
+        before = new.new_zeros((new.shape[0], self.ledger.seen - valid.shape[1]))
+        return torch.cat([before, valid, new], dim=1)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:

@@ -112,8 +112,9 @@ class KvPolicy:
             )
         return dataclasses.replace(self, budget=budget, budget_bytes=None)
 
-    def ledger(self, padding: list[int]) -> _core.KvLedger:
-        """The Rust books for a batch with ``padding[b]`` left-padding columns per sequence."""
+    def ledger(self, padding: list[int], per_row: bool = False) -> _core.KvLedger:
+        """The Rust books for a batch with ``padding[b]`` left-padding columns per sequence
+        (``per_row``: each sequence evicts as it would alone; see :class:`PolicyCache`)."""
         if self.budget_bytes is not None:
             raise ConfigError("budget_bytes: resolve it with tokens() first", "budget_bytes")
         return _core.KvLedger(
@@ -124,6 +125,7 @@ class KvPolicy:
             slack=self.slack,
             attention_weight=float(self.attention_weight),
             difficulty_weight=float(self.difficulty_weight),
+            per_row=per_row,
         )
 
     # -- the usual policies ------------------------------------------------------------------

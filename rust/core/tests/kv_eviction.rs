@@ -3,7 +3,7 @@
 
 mod common;
 
-use chunkwise_core::kv::{KvLedger, KvPolicy};
+use chunkwise_core::kv::{KvLedger, KvPolicy, DEAD};
 use chunkwise_core::CoreError;
 use proptest::prelude::*;
 
@@ -238,4 +238,40 @@ fn revised_difficulty_lands_on_the_newest_slots() {
     ledger.append(3, Some(&[0.1; 6]), None).unwrap();
     ledger.revise_difficulty(&[0.5, 0.6, 0.7, 0.8]).unwrap();
     assert_eq!(ledger.difficulty(), vec![0.1, 0.5, 0.6, 0.1, 0.7, 0.8]);
+}
+
+/// A per-row ledger evicts each row when its own real slots pass budget + slack, as that row
+/// would alone; shorter rows get dead slots in front, which `valid` masks.
+#[test]
+fn per_row_ledger_evicts_each_row_as_alone() {
+    let policy = KvPolicy {
+        sinks: 0,
+        window: 2,
+        budget: Some(2),
+        slack: 2,
+        attention_weight: 0.0,
+        difficulty_weight: 0.0,
+    };
+    let mut batch = KvLedger::new(policy.clone(), vec![0, 3]).unwrap().per_row();
+    let mut alone = KvLedger::new(policy, vec![0]).unwrap();
+    batch.append(6, None, None).unwrap();
+    alone.append(6, None, None).unwrap();
+    // row 0 holds 6 real slots (> 4): to 2; row 1 holds 3 real ones: all kept, padding dropped
+    assert_eq!(batch.pending_len(), 3);
+    let keep = batch.evict().unwrap();
+    assert_eq!(keep, vec![4, 4, 5, 3, 4, 5]);
+    assert_eq!(batch.columns(), vec![DEAD, 4, 5, 3, 4, 5]);
+    assert_eq!(batch.valid(), vec![false, true, true, true, true, true]);
+    assert_eq!(alone.evict().unwrap(), vec![4, 5]);
+    assert!(batch.evict().is_none(), "evict is idempotent");
+    // two tokens on: row 0 holds 4 real slots (not over 4), row 1 holds 5: only row 1 evicts,
+    // and row 0 keeps all four (a shared ledger would have cut it to 2 as well)
+    batch.append(2, None, None).unwrap();
+    assert_eq!(batch.pending_len(), 4);
+    assert_eq!(batch.evict().unwrap(), vec![1, 2, 3, 4, 3, 3, 3, 4]);
+    assert_eq!(batch.columns(), vec![4, 5, 6, 7, DEAD, DEAD, 6, 7]);
+    assert_eq!(
+        batch.valid(),
+        vec![true, true, true, true, false, false, true, true]
+    );
 }

@@ -42,7 +42,9 @@ pub struct KvLedger {
 impl KvLedger {
     /// Books for `len(padding)` sequences with `padding[b]` columns of left padding.
     #[new]
-    #[pyo3(signature = (padding, *, sinks=0, window=0, budget=None, slack=0, attention_weight=0.0, difficulty_weight=0.0))]
+    /// With `per_row`, each sequence evicts when it would alone (dead slots fill the shorter
+    /// rows; mask by `valid()`).
+    #[pyo3(signature = (padding, *, sinks=0, window=0, budget=None, slack=0, attention_weight=0.0, difficulty_weight=0.0, per_row=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -53,6 +55,7 @@ impl KvLedger {
         slack: i64,
         attention_weight: f32,
         difficulty_weight: f32,
+        per_row: bool,
     ) -> PyResult<Self> {
         let policy = KvPolicy {
             sinks: count(py, "sinks", sinks)?,
@@ -66,8 +69,9 @@ impl KvLedger {
             .into_iter()
             .map(|p| count(py, "padding", p))
             .collect::<PyResult<Vec<_>>>()?;
+        let inner = CoreLedger::new(policy, pad).py_err(py)?;
         Ok(Self {
-            inner: CoreLedger::new(policy, pad).py_err(py)?,
+            inner: if per_row { inner.per_row() } else { inner },
         })
     }
 
@@ -123,7 +127,19 @@ impl KvLedger {
         self.inner.pending_len()
     }
 
-    /// Columns (token indices in the padded stream) held, int64 [batch, len].
+    /// Whether each slot holds a real token (not padding, not dead), bool [batch, len].
+    fn valid<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        grid(py, self.inner.batch_size(), self.inner.valid())
+    }
+
+    /// Whether eviction is decided per sequence.
+    #[getter]
+    fn per_row(&self) -> bool {
+        self.inner.is_per_row()
+    }
+
+    /// Columns (token indices in the padded stream) held, int64 [batch, len]; -1 marks a dead
+    /// slot of a per-row ledger.
     fn columns<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
         let cols = self.inner.columns().into_iter().map(|c| c as i64).collect();
         grid(py, self.inner.batch_size(), cols)

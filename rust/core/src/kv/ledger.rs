@@ -6,9 +6,18 @@
 //! tokens than slots, and then exactly `slots - real` of them, at the front. That invariant is
 //! what lets an attention mask over the *last* `slots` columns of the 2-D padding mask stay right
 //! after any eviction (docs/architecture.md §6).
+//!
+//! With [`KvLedger::per_row`] each row instead evicts exactly when it would alone: when its own
+//! real slots pass `budget + slack`. Rows then hold different numbers of real slots; the shorter
+//! ones are filled at the front with *dead* slots (column [`DEAD`]), and the caller masks every
+//! slot that [`KvLedger::valid`] says is padding or dead. That makes a row's tokens independent
+//! of its batch-mates, at the price of a mask the caller builds (`chunkwise.generate` does).
 
 use super::policy::KvPolicy;
 use crate::error::{check_unit, CoreError, Result};
+
+/// Column of a dead slot: a filler in front of a per-row ledger's shorter rows (never attended).
+pub const DEAD: u64 = u64::MAX;
 
 /// One sequence's slots.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +62,7 @@ pub struct KvLedger {
     pad: Vec<usize>,
     seen: usize,
     rows: Vec<Row>,
+    per_row: bool,
 }
 
 impl KvLedger {
@@ -67,7 +77,54 @@ impl KvLedger {
             rows: vec![Row::default(); pad.len()],
             pad,
             seen: 0,
+            per_row: false,
         })
+    }
+
+    /// The same ledger deciding eviction per row, as each row would alone (module docs).
+    pub fn per_row(mut self) -> Self {
+        self.per_row = true;
+        self
+    }
+
+    /// Whether eviction is decided per row.
+    pub fn is_per_row(&self) -> bool {
+        self.per_row
+    }
+
+    /// Whether slot `i` of row `b` holds a real token (not padding, not dead).
+    fn is_real(&self, b: usize, i: usize) -> bool {
+        let c = self.rows[b].column[i];
+        c != DEAD && c >= self.pad[b] as u64
+    }
+
+    /// Real slots of row `b`.
+    fn real_count(&self, b: usize) -> usize {
+        (0..self.rows[b].column.len())
+            .filter(|&i| self.is_real(b, i))
+            .count()
+    }
+
+    /// Per row: the real slots it keeps at the next eviction, and whether it evicts.
+    fn row_targets(&self) -> Vec<(usize, bool)> {
+        (0..self.rows.len())
+            .map(|b| {
+                let real = self.real_count(b);
+                match self.policy.budget {
+                    Some(budget) if real > budget + self.policy.slack => (budget, true),
+                    _ => (real, false),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether each slot holds a real token (row-major [batch, len]): what the next forward may
+    /// attend to. Without [`Self::per_row`] this is the padding mask's last `len` columns.
+    pub fn valid(&self) -> Vec<bool> {
+        (0..self.rows.len())
+            .flat_map(|b| (0..self.rows[b].column.len()).map(move |i| (b, i)))
+            .map(|(b, i)| self.is_real(b, i))
+            .collect()
     }
 
     /// The policy.
@@ -103,6 +160,13 @@ impl KvLedger {
     /// Slots per sequence once [`Self::evict`] has run: what the next forward attends to
     /// (besides its own tokens).
     pub fn pending_len(&self) -> usize {
+        if self.per_row {
+            let targets = self.row_targets();
+            if !targets.iter().any(|t| t.1) {
+                return self.len();
+            }
+            return targets.iter().map(|t| t.0).max().unwrap_or(0);
+        }
         match self.policy.budget {
             Some(b) if self.len() > b + self.policy.slack => b,
             _ => self.len(),
@@ -220,6 +284,9 @@ impl KvLedger {
     /// row keeps (row-major [batch, budget], ascending), already applied to the ledger. `None`
     /// when nothing is evicted.
     pub fn evict(&mut self) -> Option<Vec<usize>> {
+        if self.per_row {
+            return self.evict_per_row();
+        }
         let target = self.pending_len();
         if target == self.len() {
             return None;
@@ -228,6 +295,39 @@ impl KvLedger {
         for (b, row) in self.rows.iter_mut().enumerate() {
             let keep = select(&self.policy, row, self.pad[b] as u64, target);
             row.gather(&keep);
+            all.extend_from_slice(&keep);
+        }
+        Some(all)
+    }
+
+    /// [`Self::evict`] of a per-row ledger: rows over `budget + slack` keep `budget` real slots
+    /// (chosen as alone), the others all theirs; each row is then filled at the front with dead
+    /// slots up to the longest row.
+    fn evict_per_row(&mut self) -> Option<Vec<usize>> {
+        let targets = self.row_targets();
+        if !targets.iter().any(|t| t.1) {
+            return None;
+        }
+        let width = targets.iter().map(|t| t.0).max().unwrap_or(0);
+        let mut all = Vec::with_capacity(self.rows.len() * width);
+        for (b, &(target, evicts)) in targets.iter().enumerate() {
+            let real: Vec<usize> = (0..self.rows[b].column.len())
+                .filter(|&i| self.is_real(b, i))
+                .collect();
+            let kept = if evicts {
+                select(&self.policy, &self.rows[b], self.pad[b] as u64, target)
+            } else {
+                real
+            };
+            let dead = width - kept.len();
+            let mut keep = vec![kept.first().copied().unwrap_or(0); dead];
+            keep.extend_from_slice(&kept);
+            let row = &mut self.rows[b];
+            row.gather(&keep);
+            for i in 0..dead {
+                (row.column[i], row.chunk[i]) = (DEAD, DEAD);
+                (row.difficulty[i], row.score[i]) = (0.0, 0.0);
+            }
             all.extend_from_slice(&keep);
         }
         Some(all)
@@ -253,7 +353,7 @@ impl KvLedger {
 /// The `target` slots one row keeps, ascending. See the module docs for padding.
 fn select(policy: &KvPolicy, row: &Row, pad: u64, target: usize) -> Vec<usize> {
     let real: Vec<usize> = (0..row.column.len())
-        .filter(|&i| row.column[i] >= pad)
+        .filter(|&i| row.column[i] != DEAD && row.column[i] >= pad)
         .collect();
     let n_pad = row.column.len() - real.len();
     if real.len() <= target {

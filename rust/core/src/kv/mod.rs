@@ -8,5 +8,5 @@
 mod ledger;
 mod policy;
 
-pub use ledger::KvLedger;
+pub use ledger::{KvLedger, DEAD};
 pub use policy::KvPolicy;
