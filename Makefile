@@ -1,7 +1,7 @@
 # Developer interface of chunkwise. `make help` lists the targets.
 PY ?= python3
 
-.PHONY: help build-dev build test test-rust lint fmt bench bench-save bench-compare demo ci clean
+.PHONY: help build-dev build test test-rust lint fmt fuzz bench bench-save bench-compare demo ci clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,15 +22,25 @@ test-rust:  ## Rust tests only
 lint:  ## clippy, rustfmt, ruff, mypy, stubtest
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo fmt --all -- --check
-	ruff check python tests benches scripts
-	ruff format --check python tests benches scripts
+	ruff check python tests benches scripts fuzz
+	ruff format --check python tests benches scripts fuzz
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest chunkwise._core
 
 fmt:  ## format Rust and Python
 	cargo fmt --all
-	ruff format python tests benches scripts
-	ruff check --fix python tests benches scripts
+	ruff format python tests benches scripts fuzz
+	ruff check --fix python tests benches scripts fuzz
+
+# The fuzzer: the Rust property tests at FUZZ_CASES cases each, then FUZZ_CALLS seeded calls of
+# the public API (each batch in a subprocess); fails on any panic, crash, hang, non-chunkwise
+# exception or broken invariant. CI runs a short slice (tests/test_fuzz.py).
+FUZZ_CASES ?= 4096
+FUZZ_CALLS ?= 1000000
+FUZZ_SEED ?= 0
+fuzz:  ## fuzz the core (proptest) and the Python API (10^6 calls, ~15 min on 2 cores)
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p chunkwise-core
+	$(PY) -m fuzz.driver --calls $(FUZZ_CALLS) --seed $(FUZZ_SEED) --torch
 
 # Saved baselines live in the repo, one folder per machine kind (KIND=rust-pyo3 is CI's kind).
 KIND ?= rust-pyo3

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .worker import FAILURES, run_one
+from .values import FAILURES
 
 
 def run_batch(seed: int, start: int, count: int, with_torch: bool, timeout: float) -> dict[str, Any]:
@@ -44,7 +44,10 @@ def run_batch(seed: int, start: int, count: int, with_torch: bool, timeout: floa
         at = int.from_bytes(Path(progress).read_bytes()[:8], "little") if Path(progress).exists() else start
         Path(progress).unlink(missing_ok=True)
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-12:]
+        lines = [
+            ln for ln in proc.stderr.strip().splitlines() if ln and not ln.startswith("Extension modules")
+        ]
+        tail = lines[-10:]
         return {
             "counts": {"crash": 1},
             "examples": [
@@ -101,13 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", action="store_true", help="also inject / from_peft / load / generate")
     p.add_argument("--replay", type=int, help="rerun call INDEX here and print its traceback")
     p.add_argument("--target", help="with --replay: the target to run")
+    p.add_argument(
+        "--selftest",
+        choices=["crash", "hang", "foreign", "violation"],
+        help="run only a target failing this way (checks that the driver catches it)",
+    )
     args = p.parse_args(argv)
     if args.replay is not None:
+        from .worker import run_one  # imports chunkwise and torch: only here, not per driver
+
         name, outcome, exc = run_one(args.seed, args.replay, args.torch, args.target)
         print(f"call {args.replay}: {name} -> {outcome}")
         if exc is not None:
             traceback.print_exception(exc)
         return 0
+    if args.selftest:
+        os.environ["CHUNKWISE_FUZZ_SELFTEST"] = args.selftest  # the workers inherit it
     t0 = time.perf_counter()
     starts = list(range(0, args.calls, args.batch))
     with ThreadPoolExecutor(max_workers=args.workers) as pool:

@@ -161,9 +161,9 @@ def target_from_peft(d: Draw) -> None:
     src = d.choice(adapter_dirs())
     folder = fresh_dir(d, src)
     try:
-        if d.chance(0.5):
+        if d.chance(0.4):
             damage_config(d, folder)
-        if d.chance(0.5):
+        if d.chance(0.4):
             damage_weights(d, folder)
         ladder = cw.RankLadder.from_peft(d.pick(folder))
         check_ladder(ladder)

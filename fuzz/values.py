@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+#: Outcomes of a call that fail the run (crashes and hangs are counted per batch by the driver).
+FAILURES = ("panic", "foreign", "violation")
+
 #: Values no parameter should take without a clear error (or a documented meaning).
 NASTY: tuple[Any, ...] = (
     None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -16,7 +17,7 @@ import chunkwise as cw
 import numpy as np
 
 from .schedule_targets import SCHEDULE_TARGETS, Violation
-from .values import Draw
+from .values import FAILURES, Draw
 
 #: Share of calls per target (the torch-side targets are ~1000x slower per call).
 WEIGHTS: dict[str, float] = {
@@ -24,16 +25,32 @@ WEIGHTS: dict[str, float] = {
     "plan": 0.33,
     "decode": 0.30,
     "policy": 0.10,
-    "torch": 0.02,
+    "torch": 0.04,
 }
 BAD = 0.08  # chance that any one argument is nasty
 
-#: Outcomes that fail the run.
-FAILURES = ("panic", "foreign", "violation")
+
+def _selftest(kind: str) -> Any:
+    """A target that fails on purpose (``--selftest``): proves the driver catches each kind."""
+
+    def target(d: Draw) -> None:
+        if kind == "crash":
+            os.abort()
+        elif kind == "hang":
+            time.sleep(3600)
+        elif kind == "foreign":
+            raise TypeError("selftest")
+        elif kind == "violation":
+            raise Violation("selftest")
+
+    return target
 
 
 def targets(with_torch: bool) -> dict[str, Any]:
     found = dict(SCHEDULE_TARGETS)
+    kind = os.environ.get("CHUNKWISE_FUZZ_SELFTEST")
+    if kind:
+        return {"selftest": _selftest(kind)}
     if with_torch:
         from .torch_targets import TORCH_TARGETS
 
@@ -42,6 +59,8 @@ def targets(with_torch: bool) -> dict[str, Any]:
 
 
 def pick_target(rng: np.random.Generator, names: list[str], with_torch: bool) -> str:
+    if names == ["selftest"]:
+        return "selftest"
     w = {k: v for k, v in WEIGHTS.items() if k != "torch" or with_torch}
     keys = list(w)
     p = np.array([w[k] for k in keys])

@@ -267,7 +267,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        // PROPTEST_CASES (make fuzz) overrides the default 300
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+        ))]
         #[test]
         fn dp_matches_brute_force(
             d in prop::collection::vec(0.0f32..1.0, 1..14),
