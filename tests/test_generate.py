@@ -96,8 +96,9 @@ def test_chunked_prefill_bounds_the_forward_length(adapted):
     hook = cwm.model.model.embed_tokens.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     cw.generate(cwm, ids, mask, max_new_tokens=3, prefill_chunk=6)
     hook.remove()
-    # first chunk: the longest padding (4) + 6; then 6, 6 and the last prompt token; 2 decode steps
-    assert lengths == [10, 6, 6, 1, 1, 1]
+    # chunks counted back from the prompt's end (each row is cut where it would be alone): 23
+    # columns = 5 + 6 + 6 + 6, then 2 decode steps; no forward is longer than the chunk
+    assert lengths == [5, 6, 6, 6, 1, 1]
 
 
 def test_stream_yields_each_step_and_generate_calls_the_streamer():
@@ -245,9 +246,11 @@ def test_prefill_difficulty_in_the_cache_is_the_predicting_entropy():
     ],
     ids=["sinks-slack32", "window", "h2o", "difficulty", "full"],
 )
-def test_a_row_generates_in_a_ragged_batch_what_it_generates_alone(adapted, policy):
-    """Eviction is decided per row: each row's tokens and ranks equal that row run alone. With
-    the batch evicting together, three of four rows used to generate other tokens."""
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-prefill-chunk", "prefill-chunks-of-5"])
+def test_a_row_generates_in_a_ragged_batch_what_it_generates_alone(adapted, policy, chunk):
+    """Eviction is decided per row and prefill chunks are cut where each row would cut them
+    alone: each row's tokens and ranks equal that row run alone. With the batch evicting
+    together, three of four rows used to generate other tokens."""
     base, _, ladder = adapted
     cwm = cw.inject(copy.deepcopy(base), ladder)
     g = torch.Generator().manual_seed(11)
@@ -258,7 +261,7 @@ def test_a_row_generates_in_a_ragged_batch_what_it_generates_alone(adapted, poli
         mask[b, :p] = 0
     ids = ids.masked_fill(mask == 0, 0)
     n = 48  # the longest row passes budget + slack = 38 real tokens; the padded ones later
-    opts = dict(max_new_tokens=n, policy=policy, prefill_chunk=None)
+    opts = dict(max_new_tokens=n, policy=policy, prefill_chunk=chunk)
     batch = cw.generate(cwm, ids, mask, **opts)
     if policy.budget is not None:
         assert batch.cache.evictions > 0
@@ -266,3 +269,19 @@ def test_a_row_generates_in_a_ragged_batch_what_it_generates_alone(adapted, poli
         alone = cw.generate(cwm, ids[b : b + 1, p:], **opts)
         assert torch.equal(batch.sequences[b, 16:], alone.sequences[0, 16 - p :]), f"row {b}"
         np.testing.assert_array_equal(batch.ranks[b], alone.ranks[0], err_msg=f"row {b}")
+        np.testing.assert_array_equal(_row_prefill_ranks(batch, mask, chunk, b), alone.prefill_token_ranks)
+    if chunk is not None:
+        assert len(batch.prefill_ranks) == 4  # 16 columns = 1 + 5 + 5 + 5, cut from the end
+
+
+def _row_prefill_ranks(out, mask, chunk, b):
+    """Row b's prompt ranks out of a batch's (listed chunk by chunk, row by row)."""
+    t = mask.shape[1]
+    bounds = [0, t] if chunk is None else [0, *range(t - chunk * ((t - 1) // chunk), t, chunk), t]
+    pos, mine = 0, []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        counts = mask[:, s:e].sum(-1).tolist()
+        start = pos + sum(counts[:b])
+        mine.append(out.prefill_token_ranks[start : start + counts[b]])
+        pos += sum(counts)
+    return np.concatenate(mine)

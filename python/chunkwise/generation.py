@@ -147,6 +147,13 @@ def _vocab_size(model: Any) -> int:
     return int(model.config.vocab_size)
 
 
+def _scatter(mask: np.ndarray, values: np.ndarray, dtype: type) -> np.ndarray:
+    """``values`` (one per True of ``mask``, row-major) laid onto a grid shaped like ``mask``."""
+    grid = np.zeros(mask.shape, dtype)
+    grid[mask] = values
+    return grid
+
+
 def _pick(
     logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None
 ) -> torch.Tensor:
@@ -221,8 +228,8 @@ class Generation:
         # per row: each sequence evicts when it would alone (batch-invariant tokens); every
         # forward then passes the cache's own mask of the slots it holds
         self.cache = PolicyCache(policy, self.hf.config, self.mask, per_row=True)
-        #: The longest left padding (one host copy of the mask, here, not per prefill chunk).
-        self.max_pad = max(left_padding(self.mask))
+        #: Left padding per row (one host copy of the mask, here, not per prefill chunk).
+        self.pads = np.asarray(left_padding(self.mask), np.int64)
         self.score_prompt = bool(score_prompt)
         # every prompt position's signals: for the perplexity, or for a plain model's cache
         # difficulty when the policy ranks by it (a ChunkwiseModel books its plan's difficulty)
@@ -281,19 +288,29 @@ class Generation:
             )
         return out.logits
 
-    def _sample_columns(self, s: int, e: int) -> torch.Tensor:
-        """:data:`PRIOR_SAMPLES` evenly spaced columns of chunk [s, e) that are real in every row
-        (left padding ends before the first chunk's last ``prefill_chunk`` columns)."""
-        lo = max(s, self.max_pad)
-        cols = np.unique(np.linspace(lo, e - 1, num=min(PRIOR_SAMPLES, e - lo)).round().astype(np.int64))
-        return torch.from_numpy(cols - s).to(self.ids.device)
+    def _sample_columns(self, s: int, e: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Per row, :data:`PRIOR_SAMPLES` evenly spaced real columns of chunk [s, e) (counted
+        from the row's first real column in it, so a row samples what it samples alone), as
+        [batch, PRIOR_SAMPLES] offsets into the chunk, and which of them count (a row with fewer
+        real columns repeats its last one; a row with none has no valid sample)."""
+        cols = np.zeros((self.batch, PRIOR_SAMPLES), np.int64)
+        valid = np.zeros((self.batch, PRIOR_SAMPLES), bool)
+        for b, pad in enumerate(self.pads):
+            start = max(s, int(pad))
+            n = e - start
+            if n <= 0:
+                continue
+            offs = np.unique(np.linspace(0, n - 1, num=min(PRIOR_SAMPLES, n)).round().astype(np.int64))
+            cols[b, : len(offs)], cols[b, len(offs) :] = start - s + offs, start - s + offs[-1]
+            valid[b, : len(offs)] = True
+        return torch.from_numpy(cols).to(self.ids.device), valid
 
-    def _prefill_forward(
-        self, s: int, e: int, tp: TokenPlan | None
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Prompt columns [s, e): (last logits, entropy (nats) at the sampled columns, entropy at
-        every column or None); scores the prompt tokens if asked."""
-        requests: list[SignalRequest] = [(self._sample_columns(s, e), None)]
+    def _prefill_forward(self, s: int, e: int, tp: TokenPlan | None) -> tuple[torch.Tensor, np.ndarray, Any]:
+        """Prompt columns [s, e): (last logits, each row's mean entropy (nats) over its sampled
+        columns, NaN for a row with no real token in the chunk; entropy at every column or
+        None); scores the prompt tokens if asked."""
+        sample_cols, sample_valid = self._sample_columns(s, e)
+        requests: list[SignalRequest] = [(sample_cols, None)]
         if self.every_column:
             nxt, nxt_real = self.ids[:, s + 1 : e + 1], self.mask[:, s + 1 : e + 1]
             if nxt.shape[1] < e - s:  # the prompt's last position has no next prompt token
@@ -316,34 +333,25 @@ class Generation:
             scored = self.mask[:, s:e].bool() & nxt_real.bool()
             self.prompt_nll += float((every[1] * scored).sum())
             self.prompt_scored += int(scored.sum())
-        return last, signals[0][0], every[0]
+        sampled = signals[0][0].float().cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (sampled * sample_valid).sum(-1) / sample_valid.sum(-1)  # NaN: no real token
+        return last, mean, every[0]
 
     def _prefill(self) -> torch.Tensor:
-        """Runs the prompt in chunks (the first one also covers the longest left padding, so
-        every chunk has real tokens in every row); returns the last position's logits."""
+        """Runs the prompt in chunks of ``prefill_chunk`` columns counted back from its end, so
+        every row is cut where it would be alone (its first chunk is the remainder); returns the
+        last position's logits."""
         t, chunk = self.ids.shape[1], self.prefill_chunk
-        first_end = min(t, self.max_pad + chunk)
-        bounds = [0, *range(first_end, t, chunk), t]
-        prior: np.ndarray | None = None
+        longest = t - int(self.pads.min())
+        n = -(-longest // chunk)
+        bounds = [0, *(t - k * chunk for k in range(n - 1, 0, -1)), t]
+        prior = np.full(self.batch, np.nan)  # a row's previous chunk's mean entropy (NaN: none)
         last_ent: torch.Tensor | None = None
         logits = None
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-            ids_c, m_c = self.ids[:, s:e], self.mask[:, s:e]
-            tp = None
-            if self.cwm is not None:
-                signals: dict[str, Any] = {}
-                if prior is not None:
-                    signals["entropy"] = [
-                        np.full(int(n), p, np.float32) for n, p in zip(m_c.sum(-1), prior, strict=True)
-                    ]
-                plan = self.cwm.plan_inputs(ids_c, m_c, self.adapters, **signals)
-                self.thresholds = plan.thresholds
-                tp = self.cwm.token_plan(plan, ids_c, m_c, self.adapters)
-                grid = np.zeros(tuple(m_c.shape), np.float32)
-                grid[m_c.cpu().numpy().astype(bool)] = plan.difficulty
-                self.cache.set_difficulty(grid)
-                self.prefill_ranks.append(float(plan.token_rank.mean()))
-                self._prefill_token_ranks.append(plan.token_rank)
+            m_c = self.mask[:, s:e]
+            tp = self._plan_chunk(self.ids[:, s:e], m_c, prior) if self.cwm is not None else None
             logits, sampled, every = self._prefill_forward(s, e, tp)
             ln_v = math.log(logits.shape[-1])
             if self.cwm is None and every is not None:
@@ -353,9 +361,49 @@ class Generation:
                 shifted = torch.cat([first, ent[:, :-1]], 1)
                 self.cache.revise_difficulty((shifted * m_c.bool()).cpu().numpy())
                 last_ent = ent[:, -1:]
-            prior = (sampled / ln_v).clamp(0.0, 1.0).mean(-1).cpu().numpy()
+            real = ~np.isnan(sampled)
+            prior[real] = np.clip(sampled[real] / ln_v, 0.0, 1.0)
         assert logits is not None
         return logits
+
+    def _plan_chunk(self, ids_c: torch.Tensor, m_c: torch.Tensor, prior: np.ndarray) -> TokenPlan:
+        """Plans one prefill chunk; books its difficulty in the cache. A row's entropy signal is
+        its previous chunk's mean entropy; a row starting in this chunk has none, as alone, so
+        when some rows start here they are planned apart from the others (in threshold mode
+        each sequence's plan is its own either way)."""
+        assert self.cwm is not None
+        n_real = m_c.sum(-1).cpu().numpy()
+        starts = np.isnan(prior) & (n_real > 0)
+        # rows with no token here (all padding) are not planned: nothing of theirs runs
+        groups = [g for g in (np.flatnonzero(~starts & (n_real > 0)), np.flatnonzero(starts)) if len(g)]
+        mask_np = m_c.cpu().numpy().astype(bool)
+        grid = np.zeros(mask_np.shape, np.float32)
+        ranks = np.zeros(mask_np.shape, np.int32)
+        parts = []
+        ad = self.cwm.adapter_ids(self.adapters, self.batch)
+        for rows in groups:
+            signals: dict[str, Any] = {}
+            if not np.isnan(prior[rows]).all():
+                p = np.nan_to_num(prior[rows])  # a row without tokens here reads no value
+                signals["entropy"] = [
+                    np.full(int(k), v, np.float32) for k, v in zip(n_real[rows], p, strict=True)
+                ]
+            idx = torch.from_numpy(rows).to(ids_c.device)
+            plan = self.cwm.plan_inputs(
+                ids_c.index_select(0, idx), m_c.index_select(0, idx), ad[rows], **signals
+            )
+            self.thresholds = plan.thresholds
+            grid[rows] = _scatter(mask_np[rows], plan.difficulty, np.float32)
+            ranks[rows] = _scatter(mask_np[rows], plan.token_rank, np.int32)
+            parts.append((plan, rows))
+        device, dtype = self.cwm.device_dtype()
+        shape = (int(ids_c.shape[0]), int(ids_c.shape[1]))
+        tp = TokenPlan.from_plans(parts, m_c, shape, ad, device, dtype)
+        self.cache.set_difficulty(grid)
+        token_ranks = ranks[mask_np]  # row by row, as one plan of the batch would list them
+        self.prefill_ranks.append(float(token_ranks.mean()) if token_ranks.size else 0.0)
+        self._prefill_token_ranks.append(token_ranks)
+        return tp
 
     def _decode(self, logits: torch.Tensor) -> Iterator[Step]:
         decoder = self.cwm.scheduler.decoder(self.batch, self.thresholds) if self.cwm is not None else None

@@ -174,7 +174,8 @@ def prefill_signals(
     model: nn.Module, requests: Sequence[SignalRequest], **inputs: Any
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
     """One forward of ``model(**inputs)``; returns its last position's logits [B, V] and, per
-    request ``(positions, targets)``, the entropy [B, P] at those columns and the NLL of
+    request ``(positions, targets)`` (positions: [P] columns, [B, P] columns per row, or None:
+    every column), the entropy [B, P] at those columns and the NLL of
     ``targets`` [B, P] (None without targets), in nats. ``targets[:, p]`` is the token that
     follows column ``positions[p]`` (any id where there is none; mask it out). Each request is
     computed on its own, so its values do not depend on what else was asked.
@@ -221,8 +222,14 @@ def _signals_at(
     head: nn.Linear | None,
     owned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Signals of [B, T, X] logits (or hidden states ``head`` projects) at ``positions``."""
-    picked = rows if positions is None else rows[:, positions]
+    """Signals of [B, T, X] logits (or hidden states ``head`` projects) at ``positions``: [P]
+    columns of every row, or [B, P] columns per row."""
+    if positions is None:
+        picked = rows
+    elif positions.ndim == 2:
+        picked = rows[torch.arange(rows.shape[0], device=rows.device)[:, None], positions]
+    else:
+        picked = rows[:, positions]
     b, p, x = picked.shape
     flat_t = None if targets is None else targets.reshape(-1)
     ent, nll = _sliced(picked.reshape(-1, x), head, flat_t, owned=owned and positions is None)

@@ -112,6 +112,45 @@ def rank_runs(rank: np.ndarray, min_run: int = MIN_RUN) -> list[tuple[int, int]]
     return runs
 
 
+def _token_pieces(
+    plan: Plan, rows: np.ndarray, mask: np.ndarray | None, t: int, adapters: np.ndarray | None
+) -> tuple[np.ndarray, ...]:
+    """(rank, lo, gate_lo, gate_hi, scale, adapter, flat row) of each token ``plan`` plans for
+    the batch rows ``rows`` of a [batch, t] forward (``mask``: its 0/1 mask, or None: full)."""
+    if plan.n_seqs != len(rows):
+        raise InputError(f"plan: has {plan.n_seqs} sequences for a batch of {len(rows)}", "plan")
+    if mask is None:
+        if plan.n_tokens != len(rows) * t:
+            raise InputError(f"plan: covers {plan.n_tokens} tokens, the forward has {len(rows)}x{t}", "plan")
+        cols = np.tile(np.arange(t), len(rows))
+        row_of = np.repeat(rows, t)
+        lengths = np.full(len(rows), t)
+    else:
+        sub = mask[rows]
+        r, cols = np.nonzero(sub)
+        row_of = rows[r]
+        lengths = sub.sum(axis=1)
+    if not np.array_equal(np.diff(plan.seq_offsets), lengths):
+        raise InputError(
+            f"plan: sequence lengths {np.diff(plan.seq_offsets).tolist()} do not match the "
+            f"forward's {lengths.tolist()}",
+            "plan",
+        )
+    scale = np.repeat(plan.seg_scale, np.diff(plan.seg_offsets))
+    if adapters is None and len(plan.seg_adapter):
+        # a sequence's adapter is its first segment's (an empty sequence reads a neighbour's:
+        # it has no token to apply it to)
+        first_segment = np.searchsorted(plan.seg_offsets, plan.seq_offsets[:-1], side="left")
+        adapter_of_seq = plan.seg_adapter[np.minimum(first_segment, len(plan.seg_adapter) - 1)]
+    else:
+        adapter_of_seq = np.zeros(len(rows), np.int32)
+    if adapters is not None:
+        adapter_of_seq = np.asarray(adapters, dtype=np.int32)[rows]
+    token_adapter = np.repeat(adapter_of_seq, lengths)
+    flat = (row_of * t + cols).astype(np.int64)
+    return (plan.token_rank, plan.token_lo, plan.gate_lo, plan.gate_hi, scale, token_adapter, flat)
+
+
 @dataclasses.dataclass
 class TokenPlan:
     """What every adapted layer applies in one forward: ``n_tokens`` rows of the flattened input."""
@@ -174,34 +213,32 @@ class TokenPlan:
         """Lays a scheduler plan over a [batch, seq] forward. With ``attention_mask`` the plan's
         sequences are the masked-in tokens of each row (left or right padding); without, the
         plan must cover the full grid row by row."""
+        return cls.from_plans([(plan, np.arange(shape[0]))], attention_mask, shape, adapters, device, dtype)
+
+    @classmethod
+    def from_plans(
+        cls,
+        parts: list[tuple[Plan, np.ndarray]],
+        attention_mask: torch.Tensor | None,
+        shape: tuple[int, int],
+        adapters: np.ndarray | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TokenPlan:
+        """:meth:`from_plan` for a batch planned in parts: ``(plan, rows)`` plans the batch rows
+        ``rows`` (its sequence i is row ``rows[i]``); every row with a token belongs to exactly
+        one part (a row the mask leaves empty may belong to none). Generation plans the rows that
+        start in a prefill chunk apart from the others."""
         b, t = shape
-        if plan.n_seqs != b:
-            raise InputError(f"plan: has {plan.n_seqs} sequences for a batch of {b}", "plan")
-        if attention_mask is None:
-            if plan.n_tokens != b * t:
-                raise InputError(f"plan: covers {plan.n_tokens} tokens, the forward has {b}x{t}", "plan")
-            rows = np.arange(b * t)
-            lengths = np.full(b, t)
-        else:
-            mask = attention_mask.detach().to("cpu").numpy().astype(bool)
-            rows = np.flatnonzero(mask.reshape(-1))
-            lengths = mask.sum(axis=1)
-        if not np.array_equal(np.diff(plan.seq_offsets), lengths):
-            raise InputError(
-                f"plan: sequence lengths {np.diff(plan.seq_offsets).tolist()} do not match the "
-                f"forward's {lengths.tolist()}",
-                "plan",
-            )
-        seg_len = np.diff(plan.seg_offsets)
-        scale = np.repeat(plan.seg_scale, seg_len)
-        first_segment = np.searchsorted(plan.seg_offsets, plan.seq_offsets[:-1], side="left")
-        adapter_of_seq = plan.seg_adapter[first_segment]
-        if adapters is not None:
-            adapter_of_seq = np.asarray(adapters, dtype=np.int32)
-        token_adapter = np.repeat(adapter_of_seq, lengths)
-        tokens = TokenArrays(
-            plan.token_rank, plan.token_lo, plan.gate_lo, plan.gate_hi, scale, token_adapter, rows, b * t
-        )
+        mask = None if attention_mask is None else attention_mask.detach().to("cpu").numpy().astype(bool)
+        covered = np.concatenate([np.asarray(r) for _, r in parts]) if parts else np.zeros(0, np.int64)
+        needed = np.arange(b) if mask is None else np.flatnonzero(mask.any(axis=1))
+        if len(np.unique(covered)) != len(covered) or not np.isin(needed, covered).all():
+            raise InputError(f"plan: its parts cover rows {covered.tolist()} of a batch of {b}", "plan")
+        pieces = [_token_pieces(plan, np.asarray(rows), mask, t, adapters) for plan, rows in parts]
+        fields = [np.concatenate([p[i] for p in pieces]) for i in range(7)]
+        order = np.argsort(fields[6], kind="stable")  # by row of the flattened input
+        tokens = TokenArrays(*(f[order] for f in fields), b * t)  # type: ignore[arg-type]
         return cls.build(tokens, device, dtype)
 
     @classmethod
