@@ -149,7 +149,7 @@ def _vocab_size(model: Any) -> int:
 
 def _scatter(mask: np.ndarray, values: np.ndarray, dtype: type) -> np.ndarray:
     """``values`` (one per True of ``mask``, row-major) laid onto a grid shaped like ``mask``."""
-    grid = np.zeros(mask.shape, dtype)
+    grid: np.ndarray = np.zeros(mask.shape, dtype)
     grid[mask] = values
     return grid
 

@@ -236,9 +236,13 @@ class TokenPlan:
         if len(np.unique(covered)) != len(covered) or not np.isin(needed, covered).all():
             raise InputError(f"plan: its parts cover rows {covered.tolist()} of a batch of {b}", "plan")
         pieces = [_token_pieces(plan, np.asarray(rows), mask, t, adapters) for plan, rows in parts]
-        fields = [np.concatenate([p[i] for p in pieces]) for i in range(7)]
-        order = np.argsort(fields[6], kind="stable")  # by row of the flattened input
-        tokens = TokenArrays(*(f[order] for f in fields), b * t)  # type: ignore[arg-type]
+        rank, lo, g_lo, g_hi, scale, adapter, flat = (
+            np.concatenate([p[i] for p in pieces]) for i in range(7)
+        )
+        order = np.argsort(flat, kind="stable")  # by row of the flattened input
+        tokens = TokenArrays(
+            rank[order], lo[order], g_lo[order], g_hi[order], scale[order], adapter[order], flat[order], b * t
+        )
         return cls.build(tokens, device, dtype)
 
     @classmethod

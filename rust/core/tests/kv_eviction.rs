@@ -252,7 +252,7 @@ fn per_row_ledger_evicts_each_row_as_alone() {
         attention_weight: 0.0,
         difficulty_weight: 0.0,
     };
-    let mut batch = KvLedger::new(policy.clone(), vec![0, 3]).unwrap().per_row();
+    let mut batch = KvLedger::new(policy, vec![0, 3]).unwrap().per_row();
     let mut alone = KvLedger::new(policy, vec![0]).unwrap();
     batch.append(6, None, None).unwrap();
     alone.append(6, None, None).unwrap();
