@@ -37,7 +37,10 @@ pub fn surprisal_from_logits<'py>(
     let out = py
         // the ids are copied before they are checked: a thread writing into them meanwhile
         // cannot turn a checked id into an out-of-range index
-        .detach(|| signals::surprisal_from_logits(data, vocab, &ids.to_vec()))
+        .detach(|| {
+            let snapshot: Vec<i64> = ids.iter().copied().collect();
+            signals::surprisal_from_logits(data, vocab, &snapshot)
+        })
         .py_err(py)?;
     Ok(out.into_pyarray(py))
 }
