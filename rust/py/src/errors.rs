@@ -41,8 +41,7 @@ pub fn int_arg(py: Python<'_>, param: &str, value: &Bound<'_, PyAny>) -> PyResul
     if value.is_instance_of::<pyo3::types::PyBool>() {
         return Err(input_err(py, param, "expected an int, got bool"));
     }
-    value.extract::<i64>().map_err(|e| {
-        let why: PyErr = e.into();
+    value.extract::<i64>().map_err(|why| {
         input_err(
             py,
             param,

@@ -38,7 +38,7 @@ pub fn surprisal_from_logits<'py>(
         // the ids are copied before they are checked: a thread writing into them meanwhile
         // cannot turn a checked id into an out-of-range index
         .detach(|| {
-            let snapshot: Vec<i64> = ids.iter().copied().collect();
+            let snapshot: Vec<i64> = ids.to_vec();
             signals::surprisal_from_logits(data, vocab, &snapshot)
         })
         .py_err(py)?;
