@@ -26,6 +26,7 @@ def test_a_config_with_weights_is_hashable_and_keeps_its_own_copy():
         ({"rungs": (0, 2**31)}, "rungs"),  # became a negative int32 rank
         ({"rungs": (0, 2**16 + 1)}, "rungs"),
         ({"rung_scales": (1.0, 1.0, 1.0, 1.0, 1.0, 1e39)}, "rung_scales"),  # inf in float32
+        ({"rung_scales": (1.0, 1.0, 1.0, 1.0, 1e-300, 1.0)}, "rung_scales"),  # an inf cross-fade ratio
         ({"weights": {"entropy": 1e308, "surprisal": 1e308}}, "weights.entropy"),  # NaN difficulty
     ],
 )

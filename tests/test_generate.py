@@ -178,6 +178,19 @@ def test_bad_generation_options(kwargs, param):
     assert e.value.parameter == param
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 2**70, 1e308])
+def test_extreme_temperatures_sample_vocabulary_ids(temperature):
+    """A tiny temperature used to give NaN probabilities (inf logits), a huge int an
+    OverflowError; a tiny one now samples the argmax."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = cw.generate(model, ids, max_new_tokens=3, temperature=temperature, seed=1)
+    new = out.sequences[:, 5:]
+    assert ((new >= 0) & (new < VOCAB)).all()
+    if temperature < 1:
+        assert torch.equal(new, cw.generate(model, ids, max_new_tokens=3).sequences[:, 5:])
+
+
 def test_a_float_mask_of_zeros_and_ones_is_a_mask():
     model = tiny_model("llama", max_position_embeddings=256)
     ids, mask = ragged_prompt()

@@ -159,7 +159,9 @@ def _pick(
 ) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
-    scaled = logits.float() / temperature
+    # shifted by the row max first: a tiny temperature then sends the others to -inf, not inf
+    shifted = logits.float() - logits.float().amax(-1, keepdim=True)
+    scaled = shifted / temperature
     if top_k is not None and top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -238,7 +240,7 @@ class Generation:
         )
         self.max_new_tokens, self.prefill_chunk = max_new_tokens, prefill_chunk or self.ids.shape[1]
         self.eos, self.pad = eos_token_id, pad_token_id
-        self.temperature, self.top_k = temperature, top_k
+        self.temperature, self.top_k = float(temperature), top_k
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.thresholds: Any = None

@@ -34,8 +34,9 @@ class SchedulerConfig:
     :class:`chunkwise.ConfigError` whose ``parameter`` names the field.
 
     Attributes:
-        rungs: ranks of the ladder, strictly increasing (the first may be 0).
-        rung_scales: per-rung multiplier of the LoRA scale (default all 1.0).
+        rungs: ranks of the ladder, strictly increasing (the first may be 0), at most 2^16.
+        rung_scales: per-rung multiplier of the LoRA scale (default all 1.0): 0, or within
+            [1e-6, 1e6].
         mode: ``"threshold"`` (fixed thresholds), ``"quantile"`` (token-weighted quantiles of
             the plan's chunk difficulties) or ``"target"`` (mean rank at most
             ``target_mean_rank``; LoRA FLOPs are proportional to it).
@@ -52,8 +53,8 @@ class SchedulerConfig:
         hysteresis: decode only: difficulty must cross a threshold by this margin to switch.
         budget_share: at most this share of a sequence's tokens on rungs >= ``budget_rank``.
         budget_rank: the rank from which a rung counts against the budget (default: top rung).
-        weights: weight per signal (entropy, surprisal, novelty, rarity, position, probe);
-            missing keys keep their defaults, 0 disables a signal.
+        weights: weight per signal (entropy, surprisal, novelty, rarity, position, probe), each
+            in [0, 1e6]; missing keys keep their defaults, 0 disables a signal.
         ngram, novelty_window: n-gram length (1..16) and rolling window (1..65536 tokens; each
             sequence's n-gram tables take 128 bytes per window token) of the novelty signal.
         ema: EMA weight of the newest difficulty (1 disables smoothing).

@@ -51,6 +51,7 @@ pub const MAX_RANK: u32 = 1 << 16;
 
 /// Largest rung scale and signal weight: scales reach the layers as float32 and weights are
 /// summed, so a larger value would overflow to inf (and NaN difficulty) instead of meaning more.
+/// A rung scale other than 0 is also at least `1 / MAX_SCALE`.
 pub const MAX_SCALE: f64 = 1e6;
 
 /// Everything the scheduler needs to turn signals into a plan. Build it, then call
@@ -180,14 +181,17 @@ impl SchedulerConfig {
                 format!("{r} is larger than the largest rank {MAX_RANK}"),
             ));
         }
-        if let Some(s) = self
-            .rung_scales
-            .iter()
-            .find(|s| !s.is_finite() || **s < 0.0 || **s > MAX_SCALE)
-        {
+        // 0 or within [1/MAX_SCALE, MAX_SCALE]: a cross-fade divides by the upper rung's
+        // scale, and a scale like 1e-300 would turn that ratio into inf in float32
+        if let Some(s) = self.rung_scales.iter().find(|s| {
+            !s.is_finite() || **s < 0.0 || **s > MAX_SCALE || (**s > 0.0 && **s < 1.0 / MAX_SCALE)
+        }) {
             return Err(CoreError::config(
                 "rung_scales",
-                format!("{s} is outside [0, {MAX_SCALE:e}]"),
+                format!(
+                    "{s} is neither 0 nor in [{:e}, {MAX_SCALE:e}]",
+                    1.0 / MAX_SCALE
+                ),
             ));
         }
         check_cuts("thresholds", &self.thresholds, m, false)?;
