@@ -108,3 +108,11 @@ def test_kv_policy_values_are_config_errors(build, parameter):
     with pytest.raises(cw.ConfigError) as e:
         build()
     assert e.value.parameter == parameter
+
+
+@pytest.mark.parametrize("b", ["a", 1.0, True, 2, -1, 2**70])
+def test_plan_sequence_names_a_bad_index(b):
+    plan = cw.Scheduler().plan([np.arange(4), np.arange(3)])
+    with pytest.raises(cw.InputError) as e:
+        plan.sequence(b)
+    assert e.value.parameter == "b"

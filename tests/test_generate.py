@@ -144,6 +144,19 @@ def test_scored_policies_run_inside_generate(adapted, policy):
     assert cwm.model.config._attn_implementation == impl
 
 
+def test_generate_names_what_it_cannot_take():
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 4))
+    for call, param in [
+        (lambda: cw.generate(3, ids), "model"),  # AttributeError before
+        (lambda: cw.generate(model, ids, adapters=[0]), "adapters"),  # silently ignored before
+        (lambda: cw.generate(model, ids, max_new_token=3), "max_new_token"),  # TypeError before
+    ]:
+        with pytest.raises(cw.InputError) as e:
+            call()
+        assert e.value.parameter == param
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [

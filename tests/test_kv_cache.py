@@ -201,3 +201,18 @@ def test_unsupported_uses_are_clear_errors():
     cache = PolicyCache(KvPolicy.full(), model.config)
     with pytest.raises(cw.StateError, match="beam"), torch.no_grad():
         model.generate(ids, num_beams=2, max_new_tokens=3, cache=cache, pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "param"),
+    [
+        (lambda cfg: PolicyCache("sinks", cfg), "policy"),  # AttributeError at the first forward before
+        (lambda cfg: PolicyCache(None, cfg, [[1, 1]]), "attention_mask"),  # AttributeError before
+        (lambda cfg: PolicyCache(None, cfg, torch.full((1, 3), 2)), "attention_mask"),  # read as 1s before
+        (lambda cfg: PolicyCache(None, cfg).set_difficulty("x"), "difficulty"),  # ValueError before
+    ],
+)
+def test_bad_cache_arguments_are_chunkwise_errors(build, param):
+    with pytest.raises(cw.ChunkwiseError) as e:
+        build(tiny_model("llama").config)
+    assert e.value.parameter == param

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -214,6 +215,15 @@ class Generation:
             raise InputError("attention_mask: a sequence has no real token", "attention_mask")
         self.cwm = model if isinstance(model, ChunkwiseModel) else None
         self.hf = model.model if self.cwm is not None else model
+        if not isinstance(self.hf, torch.nn.Module) or not hasattr(self.hf, "config"):
+            raise InputError(
+                f"model: expected a ChunkwiseModel or a transformers causal LM, got {type(model).__name__}",
+                "model",
+            )
+        if self.cwm is None and adapters is not None:
+            raise InputError(
+                "adapters: only a ChunkwiseModel (several ladders) takes adapter ids", "adapters"
+            )
         vocab = _vocab_size(self.hf)
         _int_option("eos_token_id", eos_token_id, 0, vocab - 1, optional=True)
         _int_option("pad_token_id", pad_token_id, 0, vocab - 1)
@@ -509,6 +519,11 @@ def generate(
     """Generates with per-token ranks (for a :class:`ChunkwiseModel`) and a policy KV cache;
     ``streamer`` is called with each :class:`Step` as it is produced. Options as in
     :func:`stream`."""
+    unknown = sorted(set(options) - set(inspect.signature(stream).parameters))
+    if unknown:
+        raise InputError(
+            f"{unknown[0]}: not an option of chunkwise.generate (see chunkwise.stream)", unknown[0]
+        )
     run = stream(model, input_ids, attention_mask, **options)
     steps: list[Step] = []
     for step in run:

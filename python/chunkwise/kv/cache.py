@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _core
-from ..errors import InputError, StateError
+from ..errors import ConfigError, InputError, StateError
 from .policy import KvPolicy
 
 __all__ = ["PolicyCache", "active_cache", "left_padding"]
@@ -41,11 +41,19 @@ def active_cache() -> tuple[PolicyCache, int] | None:
 def left_padding(attention_mask: torch.Tensor) -> list[int]:
     """Left padding per row of a 2-D 0/1 mask; raises :class:`InputError` for anything but
     left padding (``tokenizer.padding_side = "left"``)."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputError(
+            f"attention_mask: must be a torch.Tensor [batch, seq], got {type(attention_mask).__name__}",
+            "attention_mask",
+        )
     if attention_mask.ndim != 2:
         raise InputError(
             f"attention_mask: must be 2-d [batch, seq], got {tuple(attention_mask.shape)}", "attention_mask"
         )
-    mask = attention_mask.detach().to("cpu").numpy().astype(bool)
+    raw = attention_mask.detach().to("cpu")
+    if bool(((raw != 0) & (raw != 1)).any()):
+        raise InputError("attention_mask: only 0 (padding) and 1 (token) mean anything", "attention_mask")
+    mask = raw.numpy().astype(bool)
     pads = []
     for b, row in enumerate(mask):
         n_pad = int(np.argmax(row)) if row.any() else len(row)
@@ -144,6 +152,8 @@ class PolicyCache(Cache):
         if not isinstance(n_layers, int) or n_layers < 1:
             raise InputError(f"config: has no usable num_hidden_layers ({n_layers!r})", "config")
         super().__init__(layers=[PolicyLayer(self) for _ in range(n_layers)])
+        if policy is not None and not isinstance(policy, KvPolicy):
+            raise ConfigError(f"policy: expected a chunkwise.kv.KvPolicy or None, got {policy!r}", "policy")
         self.policy = policy if policy is not None else KvPolicy.full()
         self.per_row = bool(per_row)
         self.padding = left_padding(attention_mask) if attention_mask is not None else None
@@ -186,8 +196,15 @@ class PolicyCache(Cache):
     def set_difficulty(self, difficulty: npt.ArrayLike, chunk: npt.ArrayLike | None = None) -> None:
         """Difficulty in [0, 1] (and optional chunk ids) of the tokens of the next forward,
         [batch, n] or flat row-major."""
-        d = np.ascontiguousarray(np.asarray(difficulty, dtype=np.float32).reshape(-1))
-        c = None if chunk is None else np.ascontiguousarray(np.asarray(chunk, dtype=np.uint64).reshape(-1))
+        try:
+            d = np.ascontiguousarray(np.asarray(difficulty, dtype=np.float32).reshape(-1))
+            c = (
+                None
+                if chunk is None
+                else np.ascontiguousarray(np.asarray(chunk, dtype=np.uint64).reshape(-1))
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InputError(f"difficulty: not numbers ({e})", "difficulty") from None
         self._pending = (d, c)
 
     def revise_difficulty(self, difficulty: npt.ArrayLike) -> None:

@@ -95,8 +95,8 @@ class Plan:
 
     def sequence(self, b: int) -> dict[str, Any]:
         """Views of sequence ``b``: its token range, chunks (local offsets) and ranks."""
-        if not 0 <= b < self.n_seqs:
-            raise InputError(f"b: {b} is outside the batch of {self.n_seqs}", "b")
+        if isinstance(b, bool) or not isinstance(b, int | np.integer) or not 0 <= b < self.n_seqs:
+            raise InputError(f"b: {b!r} is not a sequence index of the batch of {self.n_seqs}", "b")
         lo, hi = int(self.seq_offsets[b]), int(self.seq_offsets[b + 1])
         sel = self.chunk_seq == b
         idx = np.flatnonzero(sel)

@@ -1,0 +1,98 @@
+"""What a prefill plan's blocks cost in the CPU torch path: the LoRA delta of SmolLM2-135M's 210
+adapted modules (random r=64 factors, their real shapes) for 256 rows laid out in blocks.
+
+    python -m benches.lora_blocks [--rounds 7]
+
+Each layout is a :class:`~chunkwise.nn.TokenPlan` of per-token ranks (runs shorter than
+``MIN_RUN`` join a neighbour, as in generation); its LoRA time is a ``ChunkwiseLinear`` forward
+under the plan minus the same forward without one, over all modules, medians of interleaved
+rounds. Why issue 15's S1 prefill misses with the scheduler: every block repacks its factors in
+the BLAS call, so a block costs about ``rank x (rows + c0)`` with c0 of a few dozen rows, and the
+scheduler's rank mix (a rank-64 head, rank-8/4 stretches) costs more than one rank-32 block
+however its runs are merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from chunkwise.adapters.ladder import LadderModule
+from chunkwise.kernels import TokenArrays
+from chunkwise.nn import ChunkwiseLinear, TokenPlan
+
+ROWS = 256
+#: (in, out) of each adapted linear of one SmolLM2-135M layer; 30 layers.
+SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+def _ranks(runs: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([np.full(n, r, np.int32) for r, n in runs])
+
+
+#: name -> per-token ranks (rank, tokens) runs; the S1 row is the plan of issue 15's prompt.
+LAYOUTS: dict[str, np.ndarray] = {
+    "rank 32, 1 block": _ranks([(32, 256)]),
+    "rank 16, 1 block": _ranks([(16, 256)]),
+    "rank 64, 1 block": _ranks([(64, 256)]),
+    "rank ~32, 2 blocks of 128": _ranks([(32, 128), (31, 128)]),
+    "rank ~32, 4 blocks of 64": _ranks([(32, 64), (31, 64), (32, 64), (31, 64)]),
+    "S1 scheduler plan (3 blocks)": _ranks([(64, 48), (8, 24), (32, 144), (4, 40)]),
+    "S1 plan, best 2-block merge": _ranks([(64, 48), (32, 208)]),
+}
+
+
+def _plan(ranks: np.ndarray) -> TokenPlan:
+    ones = np.ones(ROWS, np.float32)
+    tokens = TokenArrays(ranks, ranks, ones, ones, ones, np.zeros(ROWS, np.int32), np.arange(ROWS), ROWS)
+    return TokenPlan.build(tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default: 7)")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    g = torch.Generator().manual_seed(0)
+    current: list[TokenPlan | None] = [None]
+    layers = []
+    for i, o in SHAPES * 30:
+        layer = ChunkwiseLinear(torch.nn.Linear(i, o, bias=False), lambda: current[0])
+        layer.add_ladder(
+            0, LadderModule(torch.randn(64, i, generator=g) * 0.02, torch.randn(o, 64, generator=g) * 0.02)
+        )
+        layers.append(layer)
+    inputs = {i: torch.randn(ROWS, i, generator=g) for i in (576, 1536)}
+    plans = {name: _plan(r) for name, r in LAYOUTS.items()}
+
+    def run(plan: TokenPlan | None) -> float:
+        current[0] = plan
+        t0 = time.perf_counter()
+        for layer in layers:
+            layer(inputs[layer.in_features])
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in (*plans, "base")}
+    for _ in range(2):  # warm-up
+        for plan in (*plans.values(), None):
+            run(plan)
+    for _ in range(args.rounds):
+        times["base"].append(run(None))
+        for name, plan in plans.items():
+            times[name].append(run(plan))
+    base = statistics.median(times["base"])
+    lora = {name: statistics.median(times[name]) - base for name in plans}
+    ref = lora["rank 32, 1 block"]
+    print(f"base layers: {base * 1e3:.1f} ms per forward ({ROWS} rows, {len(layers)} modules)")
+    print(f"{'layout':32s} {'blocks':>6s} {'rank-tokens':>11s} {'LoRA ms':>8s} {'x rank 32':>9s}")
+    for name, plan in plans.items():
+        work = sum((b.span[1] - b.span[0] if b.span else ROWS) * b.max_rank for b in plan.blocks)
+        print(f"{name:32s} {len(plan.blocks):6d} {work:11d} {lora[name] * 1e3:8.1f} {lora[name] / ref:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
