@@ -180,6 +180,8 @@ def test_generate_names_what_it_cannot_take():
         ({"prefill_chunk": True}, "prefill_chunk"),
         ({"max_new_tokens": 2**70}, "max_new_tokens"),
         ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),  # OverflowError converting to float
+        ({"temperature": "0.5"}, "temperature"),
         ({"score_prompt": "yes"}, "score_prompt"),
     ],
 )

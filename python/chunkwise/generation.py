@@ -140,6 +140,35 @@ def _int_option(name: str, value: Any, lo: int, hi: int, optional: bool = False)
         raise InputError(f"{name}: must be {allowed}, got {value!r}", name)
 
 
+def _check_options(
+    max_new_tokens: Any,
+    prefill_chunk: Any,
+    temperature: Any,
+    top_k: Any,
+    seed: Any,
+    score_prompt: Any,
+    policy: Any,
+) -> None:
+    """Refuses a generation option of the wrong type or range with an InputError naming it."""
+    _int_option("max_new_tokens", max_new_tokens, 1, 2**31 - 1)
+    _int_option("prefill_chunk", prefill_chunk, 1, 2**31 - 1, optional=True)
+    try:
+        t = float(temperature) if not isinstance(temperature, bool | str | bytes) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        t = math.nan
+    if not (math.isfinite(t) and t >= 0):
+        raise InputError(f"temperature: must be a finite number >= 0, got {temperature!r}", "temperature")
+    _int_option("top_k", top_k, 1, 2**63 - 1, optional=True)
+    _int_option("seed", seed, 0, 2**63 - 1, optional=True)
+    if not isinstance(score_prompt, bool | np.bool_):
+        raise InputError(f"score_prompt: must be True or False, got {score_prompt!r}", "score_prompt")
+    if policy is not None and not isinstance(policy, KvPolicy):
+        hint = (
+            f" (for a named policy use KvPolicy.named({policy!r}, budget))" if isinstance(policy, str) else ""
+        )
+        raise InputError(f"policy: must be a chunkwise.kv.KvPolicy or None, got {policy!r}{hint}", "policy")
+
+
 def _vocab_size(model: Any) -> int:
     """Rows of the model's input embedding (the ids it can read), else ``config.vocab_size``."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -192,25 +221,7 @@ class Generation:
         score_prompt: bool = False,
     ) -> None:
         self.ids, self.mask = _check_inputs(input_ids, attention_mask)
-        _int_option("max_new_tokens", max_new_tokens, 1, 2**31 - 1)
-        _int_option("prefill_chunk", prefill_chunk, 1, 2**31 - 1, optional=True)
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-            raise InputError(f"temperature: must be a number >= 0, got {temperature!r}", "temperature")
-        if not math.isfinite(temperature):
-            raise InputError(f"temperature: must be finite, got {temperature!r}", "temperature")
-        _int_option("top_k", top_k, 1, 2**63 - 1, optional=True)
-        _int_option("seed", seed, 0, 2**63 - 1, optional=True)
-        if not isinstance(score_prompt, bool | np.bool_):
-            raise InputError(f"score_prompt: must be True or False, got {score_prompt!r}", "score_prompt")
-        if policy is not None and not isinstance(policy, KvPolicy):
-            hint = (
-                f" (for a named policy use KvPolicy.named({policy!r}, budget))"
-                if isinstance(policy, str)
-                else ""
-            )
-            raise InputError(
-                f"policy: must be a chunkwise.kv.KvPolicy or None, got {policy!r}{hint}", "policy"
-            )
+        _check_options(max_new_tokens, prefill_chunk, temperature, top_k, seed, score_prompt, policy)
         if self.mask.sum(-1).min().item() == 0:
             raise InputError("attention_mask: a sequence has no real token", "attention_mask")
         self.cwm = model if isinstance(model, ChunkwiseModel) else None
