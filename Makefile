@@ -35,7 +35,7 @@ fmt:  ## format Rust and Python
 # The fuzzer: the Rust property tests at FUZZ_CASES cases each, then FUZZ_CALLS seeded calls of
 # the public API (each batch in a subprocess); fails on any panic, crash, hang, non-chunkwise
 # exception or broken invariant. CI runs a short slice (tests/test_fuzz.py).
-FUZZ_CASES ?= 4096
+FUZZ_CASES ?= 20000
 FUZZ_CALLS ?= 1000000
 FUZZ_SEED ?= 0
 fuzz:  ## fuzz the core (proptest) and the Python API (10^6 calls, ~15 min on 2 cores)

@@ -91,6 +91,14 @@ CONFIG_EDITS: dict[str, list[Any]] = {
 }
 
 
+def flip_bytes(d: Draw, file: Path) -> None:
+    """Overwrites 1 to 8 random bytes of ``file`` with random values."""
+    data = bytearray(file.read_bytes())
+    for _ in range(d.int(1, 8)):
+        data[d.int(0, len(data) - 1)] = d.int(0, 255)
+    file.write_bytes(bytes(data))
+
+
 def damage_config(d: Draw, folder: Path) -> None:
     file = folder / "adapter_config.json"
     kind = d.int(0, 9)
@@ -137,10 +145,7 @@ def damage_weights(d: Draw, folder: Path) -> None:
             )
         save_file(tensors, str(file))
     elif kind == 3:
-        data = bytearray(file.read_bytes())
-        for _ in range(d.int(1, 8)):
-            data[d.int(0, len(data) - 1)] = d.int(0, 255)
-        file.write_bytes(bytes(data))
+        flip_bytes(d, file)
     elif kind == 4:
         file.write_bytes(file.read_bytes()[: d.int(0, 200)])
     elif kind == 5:
@@ -178,10 +183,7 @@ def target_load(d: Draw) -> None:
         file = ladder.save(folder)
         kind = d.int(0, 5)
         if kind == 0:
-            data = bytearray(file.read_bytes())
-            for _ in range(d.int(1, 8)):
-                data[d.int(0, len(data) - 1)] = d.int(0, 255)
-            file.write_bytes(bytes(data))
+            flip_bytes(d, file)
         elif kind == 1:
             file.write_bytes(file.read_bytes()[: d.int(0, 300)])
         elif kind == 2:

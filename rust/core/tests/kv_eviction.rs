@@ -31,8 +31,11 @@ fn reference_keep(policy: &KvPolicy, row: &[Slot], pad: u64, target: usize) -> V
         .map(|s| s.3)
         .fold(0.0f32, f32::max);
     let chunk_mean = |c: u64| {
-        // The mean difficulty of the run of equal chunk ids containing this chunk.
-        let idx: Vec<usize> = (0..row.len()).filter(|&i| row[i].1 == c).collect();
+        // The mean difficulty of the run of equal chunk ids containing this chunk (real slots:
+        // padding belongs to no chunk).
+        let idx: Vec<usize> = (0..row.len())
+            .filter(|&i| row[i].1 == c && row[i].0 >= pad)
+            .collect();
         idx.iter().map(|&i| row[i].2).sum::<f32>() / idx.len() as f32
     };
     let mut ranked: Vec<(bool, f32, u64)> = real
@@ -128,6 +131,74 @@ proptest! {
                 }
             }
             prop_assert!(len <= policy.budget.unwrap() + policy.slack + n.max(width));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(common::pt_seeded(200, 0x7072))]
+
+    /// A per-row ledger holds, in every row, exactly the real columns a ledger of that row alone
+    /// (its real tokens only, no padding) holds, after every eviction, with the same scores and
+    /// difficulty; padding and dead slots are never valid.
+    #[test]
+    fn per_row_ledger_rows_equal_the_rows_alone(
+        policy in policies(),
+        pads in prop::collection::vec(0usize..30, 1..4),
+        prefill in 1usize..40,
+        steps in prop::collection::vec((1usize..4, any::<u32>()), 1..60),
+    ) {
+        let batch = pads.len();
+        let width = prefill.max(*pads.iter().max().unwrap());
+        let mut ledger = KvLedger::new(policy, pads.clone()).unwrap().per_row();
+        let mut alone: Vec<KvLedger> = pads.iter().map(|_| KvLedger::new(policy, vec![0]).unwrap()).collect();
+        let value = |b: usize, col: usize, seed: u32| ((col as u32 ^ seed ^ (b as u32 * 7)) % 11) as f32 / 10.0;
+        for &(n, seed) in std::iter::once(&(width, 17u32)).chain(steps.iter()) {
+            ledger.evict();
+            for a in alone.iter_mut() {
+                a.evict();
+            }
+            let valid = ledger.valid();
+            let cols = ledger.columns();
+            let len = ledger.len();
+            for (b, &pad) in pads.iter().enumerate() {
+                let mine: Vec<u64> = (0..len)
+                    .filter(|&j| valid[b * len + j])
+                    .map(|j| cols[b * len + j] - pad as u64)
+                    .collect();
+                prop_assert_eq!(&mine, &alone[b].columns(), "row {}", b);
+                for j in 0..len {
+                    let c = cols[b * len + j];
+                    prop_assert_eq!(valid[b * len + j], c != DEAD && c >= pad as u64);
+                }
+            }
+            // n new columns; row b's real ones go to its alone ledger too
+            let seen = ledger.seen();
+            let diff: Vec<f32> = (0..batch * n).map(|i| value(i / n, seen + i % n, seed)).collect();
+            let chunk: Vec<u64> = (0..batch * n).map(|i| ((seen + i % n) / 3) as u64).collect();
+            ledger.append(n, Some(&diff), Some(&chunk)).unwrap();
+            for (b, a) in alone.iter_mut().enumerate() {
+                let real: Vec<usize> = (seen..seen + n).filter(|&c| c >= pads[b]).collect();
+                let d: Vec<f32> = real.iter().map(|&c| value(b, c, seed)).collect();
+                // chunk ids of the padded stream: runs must be the same in both
+                let ch: Vec<u64> = real.iter().map(|&c| (c / 3) as u64).collect();
+                a.append(real.len(), Some(&d), Some(&ch)).unwrap();
+            }
+            // attention: a score per real slot (what masked slots get is 0)
+            let len = ledger.len();
+            let (valid, cols) = (ledger.valid(), ledger.columns());
+            let scores: Vec<f32> = (0..batch * len)
+                .map(|i| if valid[i] { ((cols[i] as u32).wrapping_mul(seed | 1) % 13) as f32 } else { 0.0 })
+                .collect();
+            ledger.add_scores(&scores).unwrap();
+            for (b, a) in alone.iter_mut().enumerate() {
+                let s: Vec<f32> = a
+                    .columns()
+                    .iter()
+                    .map(|&c| (((c + pads[b] as u64) as u32).wrapping_mul(seed | 1) % 13) as f32)
+                    .collect();
+                a.add_scores(&s).unwrap();
+            }
         }
     }
 }

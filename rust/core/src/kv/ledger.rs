@@ -36,19 +36,29 @@ impl Row {
         self.score = keep.iter().map(|&i| self.score[i]).collect();
     }
 
-    /// Each slot's difficulty replaced by the mean over its chunk (a maximal run of equal chunk
-    /// ids), so a hard chunk's tokens stay or go together.
-    fn chunk_difficulty(&self) -> Vec<f32> {
+    /// Each real slot's difficulty replaced by the mean over its chunk (a maximal run of equal
+    /// chunk ids among the real slots), so a hard chunk's tokens stay or go together. Padding
+    /// and dead slots (0 here) belong to no chunk.
+    fn chunk_difficulty(&self, pad: u64) -> Vec<f32> {
+        let real = |i: usize| self.column[i] != DEAD && self.column[i] >= pad;
         let mut out = vec![0.0; self.chunk.len()];
+        let idx: Vec<usize> = (0..self.chunk.len()).filter(|&i| real(i)).collect();
         let mut start = 0;
-        while start < self.chunk.len() {
+        while start < idx.len() {
+            let c = self.chunk[idx[start]];
             let end = start
-                + self.chunk[start..]
+                + idx[start..]
                     .iter()
-                    .take_while(|&&c| c == self.chunk[start])
+                    .take_while(|&&i| self.chunk[i] == c)
                     .count();
-            let mean = self.difficulty[start..end].iter().sum::<f32>() / (end - start) as f32;
-            out[start..end].fill(mean);
+            let mean = idx[start..end]
+                .iter()
+                .map(|&i| self.difficulty[i])
+                .sum::<f32>()
+                / (end - start) as f32;
+            for &i in &idx[start..end] {
+                out[i] = mean;
+            }
             start = end;
         }
         out
@@ -366,14 +376,20 @@ fn select(policy: &KvPolicy, row: &Row, pad: u64, target: usize) -> Vec<usize> {
     let middle = &real[sinks..real.len() - window];
     let room = target - sinks - window;
     let mut chosen: Vec<usize> = if policy.scored() {
-        let diff = row.chunk_difficulty();
+        let diff = row.chunk_difficulty(pad);
         let max_attn = middle.iter().map(|&i| row.score[i]).fold(0.0f32, f32::max);
-        let norm = if max_attn > 0.0 { 1.0 / max_attn } else { 0.0 };
+        // score / max (not score * (1 / max)): the reciprocal rounds differently and used to
+        // break exact ties among the middle slots in another order than the definition
+        let attn = |i: usize| {
+            if max_attn > 0.0 {
+                row.score[i] / max_attn
+            } else {
+                0.0
+            }
+        };
         let value: Vec<f32> = middle
             .iter()
-            .map(|&i| {
-                policy.attention_weight * row.score[i] * norm + policy.difficulty_weight * diff[i]
-            })
+            .map(|&i| policy.attention_weight * attn(i) + policy.difficulty_weight * diff[i])
             .collect();
         // Highest value first; ties keep the newer token. A partial selection is enough: the
         // kept slots are sorted by position afterwards.
