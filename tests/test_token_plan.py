@@ -165,9 +165,8 @@ def test_long_runs_of_one_rank_get_their_own_blocks_and_match_the_oracle():
     tokens = TokenArrays(rank, lo, g_lo, g_hi, scale, adapter, np.arange(n), n)
     plan = TokenPlan.build(tokens)
     spans = [(b.adapter, b.span, b.max_rank) for b in plan.blocks]
-    # the 3 tokens at rank 2 are too few for a block: they run with the rank-4 run after them
-    # (6 more rank-token products; with the rank-8 run before them, 18)
-    assert spans == [(0, (0, 40), 8), (0, (40, 100), 4), (1, (100, 200), 8)]
+    # the 3 tokens at rank 2 are too few for a block: they run with the rank-8 run before them
+    assert spans == [(0, (0, 43), 8), (0, (43, 100), 4), (1, (100, 200), 8)]
     x = torch.randn(n, IN, generator=torch.Generator().manual_seed(3))
     current["plan"] = plan
     with torch.no_grad():
@@ -185,44 +184,9 @@ def testrank_runs_cover_everything_and_only_merge_short_runs(seed):
     runs = rank_runs(rank)
     assert runs[0][0] == 0 and runs[-1][1] == len(rank)
     assert all(a[1] == b[0] for a, b in zip(runs[:-1], runs[1:], strict=False))
-    assert all(hi - lo >= MIN_RUN for lo, hi in runs) or len(runs) == 1
+    assert all(hi - lo >= MIN_RUN for lo, hi in runs[:-1])  # only the last may be short
     for lo, _hi in runs:  # a boundary is only ever placed where the rank changes
         assert lo == 0 or rank[lo] != rank[lo - 1]
-
-    # never more products than merging every short run into its left neighbour (the old rule)
-    def work(rs):
-        return sum((hi - lo) * int(rank[lo:hi].max()) for lo, hi in rs)
-
-    assert work(runs) <= work(_left_merge(rank, MIN_RUN))
-
-
-def _left_merge(rank, min_run):
-    """The old rule: a short run joins the run before it."""
-    cuts = np.flatnonzero(rank[1:] != rank[:-1]) + 1
-    bounds = [0, *cuts.tolist(), len(rank)]
-    runs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if runs and (runs[-1][1] - runs[-1][0] < min_run or hi - lo < min_run):
-            runs[-1] = (runs[-1][0], hi)
-        else:
-            runs.append((lo, hi))
-    return runs
-
-
-def test_a_short_run_joins_the_neighbour_that_costs_least():
-    """S1's plan: 24 tokens at rank 8 between rank 64 and rank 32 used to run at 64 (the left
-    neighbour); at 32 they add 576 rank-token products instead of 1344."""
-    from chunkwise.nn.token_plan import rank_runs
-
-    rank = np.concatenate([np.full(48, 64), np.full(24, 8), np.full(144, 32), np.full(40, 4)])
-    assert rank_runs(rank) == [(0, 48), (48, 216), (216, 256)]
-    plan = TokenPlan.build(
-        TokenArrays(
-            rank.astype(np.int32), rank.astype(np.int32), *(np.ones(256, np.float32),) * 3,
-            np.zeros(256, np.int32), np.arange(256), 256,
-        )
-    )  # fmt: skip
-    assert [(b.span, b.max_rank) for b in plan.blocks] == [((0, 48), 64), ((48, 216), 32), ((216, 256), 4)]
 
 
 def test_activations_of_another_dtype_than_the_factors_take_the_slow_path():

@@ -91,66 +91,25 @@ def _uniform(
 
 
 #: Shortest run of tokens that gets a block of its own when a block's rows are consecutive:
-#: shorter runs join a neighbour and run at the larger rank (a block costs a pair of BLAS calls
-#: per module; below ~32 tokens they cost more than the rank they save on this CPU; see
-#: ``python -m benches.lora_blocks``).
+#: shorter runs join a neighbour and run at the larger rank (a block costs a few small ops per
+#: module; below ~32 tokens they cost more than the rank they save on this CPU).
 MIN_RUN = 32
 
 
 def rank_runs(rank: np.ndarray, min_run: int = MIN_RUN) -> list[tuple[int, int]]:
-    """``[start, stop)`` runs of equal rank covering ``range(len(rank))``, each at least
-    ``min_run`` long (or the whole range); a merged run computes at its largest rank, so no
-    token ever runs below its planned rank. Of two one-pass merges, the one with fewer
-    rank-token products: each short run joins the neighbour that adds the fewest, or each joins
-    the run before it."""
+    """``[start, stop)`` runs of equal rank, runs shorter than ``min_run`` merged into a
+    neighbour (left to right), covering ``range(len(rank))``."""
     if rank.size == 0:
         return [(0, 0)]
     cuts = np.flatnonzero(rank[1:] != rank[:-1]) + 1
     bounds = [0, *cuts.tolist(), len(rank)]
-    runs = [(lo, hi, int(rank[lo])) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    best = min((_cheapest_neighbour(runs, min_run), _join_left(runs, min_run)), key=_products)
-    return [(lo, hi) for lo, hi, _ in best]
-
-
-_Run = tuple[int, int, int]  # start, stop, the largest rank in it
-
-
-def _products(runs: list[_Run]) -> int:
-    return sum((hi - lo) * r for lo, hi, r in runs)
-
-
-def _joined(a: _Run, b: _Run) -> _Run:
-    return a[0], b[1], max(a[2], b[2])
-
-
-def _cheapest_neighbour(runs: list[_Run], min_run: int) -> list[_Run]:
-    """Left to right, a short run joins whichever neighbour adds fewer products (ties: left)."""
-    todo = list(runs)
-    out: list[_Run] = []
-    for i, run in enumerate(todo):
-        if run[1] - run[0] >= min_run or (not out and i == len(todo) - 1):
-            out.append(run)
-            continue
-        right = todo[i + 1] if i + 1 < len(todo) else None
-        left_cost = _products([_joined(out[-1], run)]) - _products([out[-1], run]) if out else None
-        right_cost = _products([_joined(run, right)]) - _products([run, right]) if right else None
-        if left_cost is not None and (right_cost is None or left_cost <= right_cost):
-            out[-1] = _joined(out[-1], run)
+    runs: list[tuple[int, int]] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if runs and (runs[-1][1] - runs[-1][0] < min_run or hi - lo < min_run):
+            runs[-1] = (runs[-1][0], hi)
         else:
-            assert right is not None  # a short run with no left neighbour has a right one
-            todo[i + 1] = _joined(run, right)
-    return out
-
-
-def _join_left(runs: list[_Run], min_run: int) -> list[_Run]:
-    """Left to right, a run joins the one before it while either is short."""
-    out: list[_Run] = []
-    for run in runs:
-        if out and (out[-1][1] - out[-1][0] < min_run or run[1] - run[0] < min_run):
-            out[-1] = _joined(out[-1], run)
-        else:
-            out.append(run)
-    return out
+            runs.append((lo, hi))
+    return runs
 
 
 def _token_pieces(
