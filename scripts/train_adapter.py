@@ -39,7 +39,7 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the uninformative None / False ones."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "split of bigbench's Wikipedia paragraphs (or SQuAD contexts), reporting perplexity on the "
             "held-out EVAL split before and after. Writes the adapter and training_summary.json to --out."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output directory for the adapter and summary")
     g = p.add_argument_group("data")

@@ -44,7 +44,7 @@ def tiny_task(n: int = 3) -> dict:
     return {"name": "paragraph_segmentation", "examples": examples}
 
 
-def tiny_squad() -> dict:
+def tiny_squad(prefix: str = "") -> dict:
     def para(ctx, q, ans):
         return {
             "context": ctx,
@@ -57,14 +57,14 @@ def tiny_squad() -> dict:
         "version": "1.1",
         "data": [
             {
-                "title": "Super_Bowl_50",
+                "title": prefix + "Super_Bowl_50",
                 "paragraphs": [
                     para("Denver won Super Bowl 50.", "Who won?", "Denver"),
                     para("It was played in Santa Clara.", "Where?", "Santa Clara"),
                 ],
             },
             {
-                "title": "Warsaw",
+                "title": prefix + "Warsaw",
                 "paragraphs": [para("Warsaw is the capital of Poland.", "Capital?", "Warsaw")],
             },
         ],
@@ -90,6 +90,8 @@ def make_sdist(path: Path, extra: list[tuple[tarfile.TarInfo, bytes | None]] = (
                 json.dumps(tiny_task()).encode(),
             )
             add(f"{top}/{corpora.BIGBENCH_MEMBERS['squad']}", json.dumps(tiny_squad()).encode())
+            add(f"{top}/{corpora.BIGBENCH_MEMBERS['new_wiki']}", json.dumps(tiny_squad("Wiki")).encode())
+            add(f"{top}/bigbench/benchmark_tasks/squad_shifts/nyt_v1.0.json", b"{}")
     return path
 
 
@@ -234,7 +236,7 @@ def test_guess_language(text, lang):
 
 def seed_cache(cache: Path, task: dict, squad: dict) -> None:
     base = cache / "bigbench" / "extracted"
-    for key, data in (("paragraph_segmentation", task), ("squad", squad)):
+    for key, data in (("paragraph_segmentation", task), ("squad", squad), ("new_wiki", tiny_squad("Wiki"))):
         path = base / corpora.BIGBENCH_MEMBERS[key]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
@@ -266,6 +268,18 @@ def test_wikipedia_articles_and_squad_from_cache(tmp_path, monkeypatch):
 
     sa = corpora.squad_articles(tmp_path)
     assert [(a.title, len(a.paragraphs)) for a in sa] == [("Super_Bowl_50", 2), ("Warsaw", 1)]
+
+    # the new_wiki shift is its own file, read the same way
+    wiki = corpora.squad_examples(tmp_path, shift="new_wiki")
+    assert [e["title"] for e in wiki] == ["WikiSuper_Bowl_50", "WikiSuper_Bowl_50", "WikiWarsaw"]
+    assert [a.title for a in corpora.squad_articles(tmp_path, shift="new_wiki")] == [
+        "WikiSuper_Bowl_50",
+        "WikiWarsaw",
+    ]
+    for bad in ("nyt", "reddit", "amazon_reviews", ""):
+        with pytest.raises(InputError, match="unknown SQuAD shift") as info:
+            corpora.squad_examples(tmp_path, shift=bad)
+        assert info.value.parameter == "shift"
 
 
 def test_parse_squad_rejects_non_squad():

@@ -1,6 +1,6 @@
 """Evaluation and training text from the ``bigbench==1.0.0`` sdist on PyPI.
 
-Two files of that sdist are used, and only those are ever extracted:
+Three files of that sdist are used, and only those are ever extracted:
 
 * ``bigbench/benchmark_tasks/paragraph_segmentation/task.json``: 9,000 Wikipedia articles in
   nine languages (1,000 each: de, en, es, fr, it, nl, pl, pt, ru), one per example, as
@@ -9,10 +9,14 @@ Two files of that sdist are used, and only those are ever extracted:
 * ``bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json``: the SQuAD v1.1 development set
   (48 Wikipedia articles, 2,067 paragraphs, 10,565 questions). :func:`squad_examples` flattens
   it to one dict per question; :func:`squad_articles` groups the unique paragraphs by article.
+* ``bigbench/benchmark_tasks/squad_shifts/new_wiki_v1.0.json``: the ``new_wiki`` shift of
+  SQuAD (48 newer Wikipedia articles, 7,936 questions, same format): ``shift="new_wiki"``.
+  The other shifts of that task (nyt, reddit, amazon) are deliberately not extracted: the
+  project uses only these two for training, tuning and reported figures.
 
 The sdist (358 MB) is fetched with ``python -m pip download --no-deps bigbench==1.0.0`` (pip
 prepares its metadata, which runs the sdist's ``setup.py egg_info`` in pip's build isolation)
-and kept in the cache; the two files are extracted once next to it, so later calls do no
+and kept in the cache; the three files are extracted once next to it, so later calls do no
 network or tar work. The cache is ``cache_dir``, else ``$CHUNKWISE_CACHE``, else
 ``~/.cache/chunkwise`` (see :func:`chunkwise.assets.cache_root`).
 
@@ -40,6 +44,7 @@ from .download import atomic_file, cache_root, pip_download
 __all__ = [
     "BIGBENCH_REQUIREMENT",
     "BIGBENCH_MEMBERS",
+    "SQUAD_SHIFTS",
     "Article",
     "bigbench_files",
     "extract_members",
@@ -58,8 +63,11 @@ _BIGBENCH_SDIST_BYTES = 358_249_635  # for the progress bar only
 BIGBENCH_MEMBERS: dict[str, str] = {
     "paragraph_segmentation": "bigbench/benchmark_tasks/paragraph_segmentation/task.json",
     "squad": "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json",
+    "new_wiki": "bigbench/benchmark_tasks/squad_shifts/new_wiki_v1.0.json",
 }
-_MAX_MEMBER_BYTES = 256 << 20  # both files are far smaller (48 MB, 8 MB)
+#: SQuAD shift name -> key of :data:`BIGBENCH_MEMBERS`
+SQUAD_SHIFTS: dict[str, str] = {"squaddev": "squad", "new_wiki": "new_wiki"}
+_MAX_MEMBER_BYTES = 256 << 20  # every file is far smaller (48 MB, 8 MB, 7 MB)
 
 T = TypeVar("T")
 
@@ -137,7 +145,7 @@ def bigbench_files(
     keep_sdist: bool = True,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """The two bigbench files (keys of :data:`BIGBENCH_MEMBERS`), extracted in the cache.
+    """The bigbench files (keys of :data:`BIGBENCH_MEMBERS`), extracted in the cache.
 
     Uses the extracted files when present; else extracts them from the cached sdist; else
     downloads the sdist with pip first (``download=False`` raises instead). ``keep_sdist=False``
@@ -327,20 +335,31 @@ def _squad_all(path: str) -> tuple[dict[str, Any], ...]:
     return tuple(parse_squad(_load_json(Path(path))))
 
 
-def squad_examples(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """The SQuAD v1.1 dev set, one dict per question (see :func:`parse_squad`); fresh dicts on
-    every call, so callers may modify them."""
-    path = bigbench_files(cache_dir)["squad"]
+def _squad_path(shift: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    if shift not in SQUAD_SHIFTS:
+        raise InputError(
+            f"shift: unknown SQuAD shift {shift!r}; choose one of {', '.join(SQUAD_SHIFTS)}", "shift"
+        )
+    return bigbench_files(cache_dir)[SQUAD_SHIFTS[shift]]
+
+
+def squad_examples(
+    cache_dir: str | os.PathLike[str] | None = None, shift: str = "squaddev"
+) -> list[dict[str, Any]]:
+    """One dict per question (see :func:`parse_squad`) of the SQuAD v1.1 dev set
+    (``shift="squaddev"``) or of its ``new_wiki`` shift; fresh dicts on every call, so callers
+    may modify them."""
+    path = _squad_path(shift, cache_dir)
     return [
         dict(ex, answers=list(ex["answers"]), answer_starts=list(ex["answer_starts"]))
         for ex in _squad_all(str(path))
     ]
 
 
-def squad_articles(cache_dir: str | os.PathLike[str] | None = None) -> list[Article]:
-    """The SQuAD dev articles as :class:`Article` s: unique contexts in order, per title."""
+def squad_articles(cache_dir: str | os.PathLike[str] | None = None, shift: str = "squaddev") -> list[Article]:
+    """The articles of a SQuAD file as :class:`Article` s: unique contexts in order, per title."""
     by_title: dict[str, list[str]] = {}
-    for ex in _squad_all(str(bigbench_files(cache_dir)["squad"])):
+    for ex in _squad_all(str(_squad_path(shift, cache_dir))):
         paras = by_title.setdefault(ex["title"], [])
         if ex["context"] not in paras:
             paras.append(ex["context"])
