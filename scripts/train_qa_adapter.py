@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-tokens", type=int, default=512, help="drop training examples longer than this (prompt+answer)"
     )
     g.add_argument("--eval-questions", type=int, default=300, help="held-out questions for the answer NLL")
-    g.add_argument("--cache-dir", type=Path, default=None, help="chunkwise cache (default ~/.cache/chunkwise)")
+    g.add_argument(
+        "--cache-dir", type=Path, default=None, help="chunkwise cache (default ~/.cache/chunkwise)"
+    )
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", "-r", type=int, default=64, help="LoRA rank r")
     g.add_argument("--alpha", type=float, default=128.0, help="lora_alpha (scale = alpha / r)")
@@ -150,7 +152,9 @@ def collate(examples: list[Any], pad: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 @torch.no_grad()
-def answer_nll(model: torch.nn.Module, examples: list[Any], pad: int, autocast: bool, progress: bool) -> float:
+def answer_nll(
+    model: torch.nn.Module, examples: list[Any], pad: int, autocast: bool, progress: bool
+) -> float:
     """Mean NLL per answer token, teacher-forced (float32 log-softmax)."""
     from tqdm.auto import tqdm
 
@@ -300,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"saved the adapter and training_summary.json to {args.out} ({summary['time_seconds']['total']:.0f} s)")
+    log(
+        f"saved the adapter and training_summary.json to {args.out} "
+        f"({summary['time_seconds']['total']:.0f} s)"
+    )
     return 0
 
 
