@@ -75,10 +75,11 @@ def lagrangian_allocation(
     if util.shape != (len(lens), len(r)):
         raise InputError(f"utility: need shape ({len(lens)}, {len(r)}), got {util.shape}", "utility")
     if not (np.isfinite(util).all() and (lens > 0).all() and np.all(np.diff(r) > 0)):
-        raise InputError("utility / lengths / ranks: need finite utilities, positive lengths and rising ranks")
+        raise InputError("utility: need finite utilities, positive lengths and rising ranks", "utility")
     budget = float(mean_rank) * lens.sum()
     if not np.isfinite(budget) or mean_rank < r[0]:
-        raise InputError(f"mean_rank: must be at least the lowest rank {r[0]:g}, got {mean_rank}", "mean_rank")
+        msg = f"mean_rank: must be at least the lowest rank {r[0]:g}, got {mean_rank}"
+        raise InputError(msg, "mean_rank")
     cost_of = lens[:, None] * r[None, :]
 
     def pick(lam: float) -> np.ndarray:
