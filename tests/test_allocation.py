@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import itertools
 
+import chunkwise as cw
 import numpy as np
 import pytest
-
-import chunkwise as cw
 from chunkwise.errors import InputError
 from chunkwise.eval.allocation import (
     chunk_spans,
@@ -40,12 +39,32 @@ def test_lagrangian_is_optimal_at_its_own_cost_and_fits(seed):
     # concave-ish and arbitrary utilities alike
     utility = np.cumsum(rng.random((n, len(ranks))) * (rng.random() < 0.5 or -1), axis=1)
     mean = float(rng.uniform(ranks[0], ranks[-1]))
-    choice = lagrangian_allocation(lengths, utility, ranks, mean)
+    choice = lagrangian_allocation(lengths, utility, ranks, mean, fill=False)
     cost = float((lengths * np.asarray(ranks)[choice]).sum())
     assert cost <= mean * lengths.sum() + 1e-9
     got = float(utility[np.arange(n), choice].sum())
     # no allocation that costs at most as much does better
     assert got >= brute_force(lengths, utility, ranks, cost) - 1e-9
+    # filling spends more of the budget, never past it, and only for gains
+    filled = lagrangian_allocation(lengths, utility, ranks, mean)
+    f_cost = float((lengths * np.asarray(ranks)[filled]).sum())
+    assert cost <= f_cost <= mean * lengths.sum() + 1e-9
+    assert float(utility[np.arange(n), filled].sum()) >= got - 1e-12
+    assert (filled >= choice).all()
+    spare = mean * lengths.sum() - f_cost
+    for c in range(n):  # no one-rung upgrade that gains still fits
+        k = filled[c]
+        if k + 1 < len(ranks) and utility[c, k + 1] > utility[c, k]:
+            assert lengths[c] * (ranks[k + 1] - ranks[k]) > spare + 1e-9
+
+
+def test_identical_chunks_are_split_to_spend_the_budget():
+    util = np.tile(np.log1p(np.array(RANKS, float)), (4, 1))
+    # four identical chunks, budget for two of them one rung up: the multiplier alone moves all
+    # four or none
+    got = lagrangian_allocation([10] * 4, util, RANKS, 2.0)
+    assert sorted(got.tolist()) == [0, 0, 1, 1]
+    assert lagrangian_allocation([10] * 4, util, RANKS, 2.0, fill=False).tolist() == [0, 0, 0, 0]
 
 
 def test_lagrangian_spends_nothing_it_does_not_need():

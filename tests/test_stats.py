@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from chunkwise.errors import InputError
 from chunkwise.eval.stats import bootstrap_mean, paired_difference
 

@@ -58,6 +58,7 @@ def lagrangian_allocation(
     utility: np.ndarray,
     ranks: Sequence[int],
     mean_rank: float,
+    fill: bool = True,
 ) -> np.ndarray:
     """The rung of each chunk that maximises ``sum_c utility[c, rung_c]`` subject to the
     token-weighted mean rank ``sum_c len_c * ranks[rung_c] / sum_c len_c <= mean_rank``.
@@ -67,7 +68,10 @@ def lagrangian_allocation(
     the smallest multiplier (found by bisection to float precision) whose allocation fits. Every
     Lagrangian solution is optimal among all allocations that cost no more than it does, so
     the result is exact up to the gap between the budget and the cost of the nearest
-    breakpoint (at most one chunk's step). Returns int64 rung indices.
+    breakpoint. ``fill`` then spends that gap greedily: while some chunk's one-rung upgrade
+    fits the budget and gains utility, the one with the best gain per rank-token is taken
+    (identical chunks, which the multiplier can only move together, are thus split).
+    Returns int64 rung indices.
     """
     lens = np.asarray(lengths, dtype=np.float64).reshape(-1)
     util = np.asarray(utility, dtype=np.float64)
@@ -88,23 +92,39 @@ def lagrangian_allocation(
     def cost(choice: np.ndarray) -> float:
         return float(cost_of[np.arange(len(lens)), choice].sum())
 
-    best = pick(0.0)
-    if cost(best) <= budget:
-        return best.astype(np.int64)
-    lo, hi = 0.0, 1.0
-    while cost(pick(hi)) > budget:  # the top of the bracket: a multiplier that fits
-        hi *= 2.0
-        if hi > 1e300:
-            return np.zeros(len(lens), np.int64)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if cost(pick(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return pick(hi).astype(np.int64)
+    choice = pick(0.0)
+    if cost(choice) > budget:
+        lo, hi = 0.0, 1.0
+        while cost(pick(hi)) > budget and hi < 1e300:  # the top of the bracket: a multiplier that fits
+            hi *= 2.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            if cost(pick(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        choice = pick(hi) if cost(pick(hi)) <= budget else np.zeros(len(lens), np.int64)
+    if fill:
+        _fill(choice, util, cost_of, budget - cost(choice))
+    return choice.astype(np.int64)
+
+
+def _fill(choice: np.ndarray, util: np.ndarray, cost_of: np.ndarray, spare: float) -> None:
+    """Greedy one-rung upgrades of ``choice`` (in place) within ``spare`` rank-tokens."""
+    top = util.shape[1] - 1
+    rows = np.arange(len(choice))
+    while True:
+        up = np.minimum(choice + 1, top)
+        d_util = util[rows, up] - util[rows, choice]
+        d_cost = cost_of[rows, up] - cost_of[rows, choice]
+        ok = (up > choice) & (d_util > 0) & (d_cost <= spare + 1e-9)
+        if not ok.any():
+            return
+        c = int(np.flatnonzero(ok)[np.argmax((d_util / d_cost)[ok])])
+        choice[c] += 1
+        spare -= float(d_cost[c])
 
 
 def pinned_difficulty(spans: Sequence[tuple[int, int]], rungs: Sequence[int], n_rungs: int) -> np.ndarray:

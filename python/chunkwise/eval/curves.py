@@ -9,10 +9,10 @@ At each mean-rank budget b the same questions are scored under
   same target-mode allocation: same chunking, same mean rank, ranks placed blindly;
 * ``oracle`` (headroom): the chunks of the mixed plan, each given the rung that maximises the
   drop in answer NLL knowing every token's NLL at every uniform rung of the full run (the
-  multiple-choice knapsack of :func:`chunkwise.eval.allocation.lagrangian_allocation`; prompt
-  tokens count :data:`ORACLE_PROMPT_WEIGHT` as much, so spare budget goes where the prompt
-  gains most). It treats positions as independent (a position's rank also changes what later
-  positions attend to), so it is a strong allocation, not a proven bound.
+  multiple-choice knapsack of :func:`chunkwise.eval.allocation.lagrangian_allocation`; what
+  the answer does not need is spread evenly over the prompt, see :data:`ORACLE_SPREAD`). It
+  treats positions as independent, but a prompt position's rank also changes the keys and
+  values every answer token reads, so it is a strong allocation, not a proven bound.
 
 Planning is *teacher-forced*: signals come from one base-model forward over the whole sequence
 (prompt and answer; :func:`chunkwise.eval.qa_runs.base_signals`), so every mode plans from the
@@ -53,7 +53,7 @@ from .stats import bootstrap_mean, paired_difference
 
 __all__ = [
     "MIX",
-    "ORACLE_PROMPT_WEIGHT",
+    "ORACLE_SPREAD",
     "SIGNALS",
     "CurveData",
     "QaItem",
@@ -67,8 +67,9 @@ __all__ = [
 SIGNALS: tuple[str, ...] = ("entropy", "surprisal", "novelty", "rarity", "position", "energy")
 #: the default mix of today's signals (the scheduler's default weights)
 MIX = "mix"
-#: weight of a prompt token's NLL drop against an answer token's in the oracle's objective
-ORACLE_PROMPT_WEIGHT = 1e-3
+#: the oracle's reward per prompt position for rank (concave in rank, tiny next to any answer
+#: NLL drop): spends the budget the answer does not need evenly over the prompt
+ORACLE_SPREAD = 1e-4
 _CORE_SIGNALS = ("entropy", "surprisal", "novelty", "rarity", "position", "probe")
 
 
@@ -111,14 +112,18 @@ def _signal_inputs(signal: str, sig: BaseSignals, budget: int) -> dict[str, Any]
     return {}  # novelty, rarity, position: from the ids
 
 
-def _gains(losses: np.ndarray, n_prompt: int) -> np.ndarray:
-    """[T, m] credit of position p at rung j: weighted NLL drop of token p + 1 from rung 0."""
+def _gains(losses: np.ndarray, n_prompt: int, ranks: Sequence[int]) -> np.ndarray:
+    """[T, m] the oracle's credit of position p at rung j: the NLL drop (from rung 0) of the
+    answer token p predicts; a position that predicts no answer token gets the small concave
+    :data:`ORACLE_SPREAD` reward instead, so the budget the answer does not need is spread
+    evenly over the prompt rather than left unspent."""
     t = losses.shape[0]
-    drop = np.zeros_like(losses)
-    drop[: t - 1] = losses[1:, :1] - losses[1:]
-    w = np.full(t, ORACLE_PROMPT_WEIGHT)
-    w[max(n_prompt - 1, 0) : t - 1] = 1.0  # positions that predict an answer token
-    return drop * w[:, None]
+    r = np.asarray(ranks, np.float64)
+    spread = ORACLE_SPREAD * np.log1p(r) / np.log1p(r[-1])
+    out = np.tile(spread, (t, 1))
+    answer = slice(max(n_prompt - 1, 0), t - 1)  # positions that predict an answer token
+    out[answer] = losses[answer.start + 1 :, :1] - losses[answer.start + 1 :]
+    return out
 
 
 class Planner:
@@ -148,7 +153,7 @@ class Planner:
 
     def oracle(self, ids: np.ndarray, mix: Plan, losses: np.ndarray, n_prompt: int, budget: int) -> Plan:
         spans = chunk_spans(mix)
-        gain = _gains(losses, n_prompt)
+        gain = _gains(losses, n_prompt, self.rungs)
         util = np.stack([gain[s:e].sum(0) for s, e in spans])
         lens = [e - s for s, e in spans]
         choice = lagrangian_allocation(lens, util, self.rungs, budget)
