@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from chunkwise.eval.curves import MIX, SIGNALS, QaItem, answer_curves, generation_curves, spearman, summarize
-from chunkwise.eval.qa_runs import base_signals, first_adapted_layer, greedy_with_plan, plan_tokens, token_nll
+from chunkwise.eval.qa_runs import base_signals, first_adapted_layer, greedy_with_plan, token_nll
 
 from tests.support.peft_helpers import VOCAB, make_adapter, tiny_model
 
@@ -105,7 +105,7 @@ def test_greedy_with_plan_matches_transformers_generate(setup):
     assert (used3[len(planned) :] == planned[-1]).all()
 
 
-def test_plan_tokens_slices_a_plan(setup):
+def test_plan_slice_follows_the_plan(setup):
     _, cwm, config = setup
     seq = seqs_of([24])[0]
     plan = cw.Scheduler(config).plan([seq])
@@ -115,11 +115,14 @@ def test_plan_tokens_slices_a_plan(setup):
     with cwm.use(whole), torch.no_grad():
         ref = cwm.model(input_ids=ids).logits
     # the prefix of the plan over the prefix of the input: the same logits (causal)
-    with cwm.use(plan_tokens(plan, 0, 15, device, dtype)), torch.no_grad():
+    with cwm.use(cw.nn.TokenPlan.from_plan_slice(plan, 0, 15, device, dtype)), torch.no_grad():
         part = cwm.model(input_ids=ids[:, :15]).logits
     torch.testing.assert_close(part, ref[:, :15], rtol=1e-5, atol=1e-6)
     with pytest.raises(cw.InputError):
-        plan_tokens(plan, 5, 25, device, dtype)
+        cw.nn.TokenPlan.from_plan_slice(plan, 5, 25, device, dtype)
+    with pytest.raises(cw.InputError, match="one-sequence"):
+        two = cw.Scheduler(config).plan([seq, seq])
+        cw.nn.TokenPlan.from_plan_slice(two, 0, 5, device, dtype)
 
 
 def items_of(lengths, seed=0):

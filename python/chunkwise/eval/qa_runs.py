@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..kernels import TokenArrays
 from ..nn.injection import ChunkwiseModel
 from ..nn.linear import ChunkwiseLinear
 from ..nn.signals import logit_signals
@@ -39,7 +38,6 @@ __all__ = [
     "base_signals",
     "first_adapted_layer",
     "greedy_with_plan",
-    "plan_tokens",
     "token_nll",
 ]
 
@@ -52,27 +50,6 @@ def _padded(seqs: Sequence[np.ndarray], pad: int, device: torch.device) -> tuple
         ids[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
-
-
-def plan_tokens(plan: Plan, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> TokenPlan:
-    """The tokens [start, stop) of a one-sequence ``plan`` as the plan of a forward of
-    ``stop - start`` rows (ranks, cross-fade gates and rung scales as planned)."""
-    n = int(plan.seq_offsets[-1])
-    if len(plan.seq_offsets) != 2 or not 0 <= start < stop <= n:
-        raise InputError(f"plan_tokens: need a one-sequence plan and 0 <= start < stop <= {n}", "plan")
-    scale = np.repeat(plan.seg_scale, np.diff(plan.seg_offsets)).astype(np.float32)
-    sl = slice(start, stop)
-    tokens = TokenArrays(
-        plan.token_rank[sl],
-        plan.token_lo[sl],
-        plan.gate_lo[sl],
-        plan.gate_hi[sl],
-        scale[sl],
-        np.repeat(plan.seg_adapter, np.diff(plan.seg_offsets))[sl],
-        np.arange(stop - start),
-        stop - start,
-    )
-    return TokenPlan.build(tokens, device, dtype)
 
 
 def _row_nll(logits: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +196,7 @@ def greedy_with_plan(
         s, e = min(start, planned - 1), min(stop, planned)
         if e <= s:
             e = s + 1
-        return plan_tokens(plan, s, e, device, dtype), np.asarray(plan.token_rank[s:e])
+        return TokenPlan.from_plan_slice(plan, s, e, device, dtype), np.asarray(plan.token_rank[s:e])
 
     cache = DynamicCache(config=getattr(cwm.model, "config", None))
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)

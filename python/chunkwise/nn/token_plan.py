@@ -246,6 +246,39 @@ class TokenPlan:
         return cls.build(tokens, device, dtype)
 
     @classmethod
+    def from_plan_slice(
+        cls,
+        plan: Plan,
+        start: int,
+        stop: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TokenPlan:
+        """Tokens [start, stop) of a one-sequence ``plan`` as the plan of a forward of
+        ``stop - start`` rows, ranks, cross-fade gates and rung scales as planned: a prefill, or
+        one decode step, that follows a plan made ahead over a longer sequence."""
+        n = int(plan.seq_offsets[-1])
+        if len(plan.seq_offsets) != 2 or not 0 <= start < stop <= n:
+            raise InputError(
+                f"plan: slicing needs a one-sequence plan and 0 <= start < stop <= {n}, "
+                f"got {len(plan.seq_offsets) - 1} sequences, [{start}, {stop})",
+                "plan",
+            )
+        per_segment = np.diff(plan.seg_offsets)
+        sl = slice(start, stop)
+        tokens = TokenArrays(
+            plan.token_rank[sl],
+            plan.token_lo[sl],
+            plan.gate_lo[sl],
+            plan.gate_hi[sl],
+            np.repeat(plan.seg_scale, per_segment).astype(np.float32)[sl],
+            np.repeat(plan.seg_adapter, per_segment)[sl],
+            np.arange(stop - start),
+            stop - start,
+        )
+        return cls.build(tokens, device, dtype)
+
+    @classmethod
     def uniform(
         cls,
         n_rows: int,
