@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Writes docs/results.md: SmolLM2-135M + a trained LoRA on real held-out data, every number
-measured in this one run on this machine.
+"""Writes docs/results.md and docs/results.json: SmolLM2-135M + trained LoRAs on real held-out
+data, every number measured on this machine.
 
     python scripts/train_adapter.py --out adapters/smollm2-wiki-r64     # once (~20-30 min, CPU)
     python -m benches.kv_cpu --json kv.json                           # KV policies (~10 min)
+    python scripts/qa_curves.py --out docs/qa_curves.json             # QA curves (trains the QA LoRA)
     python scripts/results.py --adapter adapters/smollm2-wiki-r64 --kv-json kv.json
+
+``--only-qa`` rewrites just the QA section of an existing results.md (between its markers) and
+the ``"qa"`` key of results.json from ``--qa-json``, leaving the other sections as they were.
 
 Tables: perplexity on held-out Wikipedia (the adapter's own eval split) and SQuAD v1.1 EM/F1 for
 base, full-rank LoRA, and at several mean-rank budgets chunkwise adaptive next to uniform
@@ -29,7 +33,9 @@ from chunkwise.assets.corpora import split_by_article, squad_examples, wikipedia
 from chunkwise.assets.smollm2 import load_smollm2
 from chunkwise.eval.benchmarking import measure, peak_memory_mb, prefill_variants
 from chunkwise.eval.evaluation import perplexity, squad
-from chunkwise.eval.plotting import plot_bars, plot_plan
+from chunkwise.eval.plotting import plot_bars, plot_curves, plot_plan
+
+QA_START, QA_END = "<!-- qa:start (scripts/results.py --only-qa) -->", "<!-- qa:end -->"
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -38,15 +44,152 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def _ci(ci: list[float] | None, digits: int = 1) -> str:
+    return "" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _closure(u: float, a: float, o: float) -> float | None:
+    """Share of the uniform-to-oracle gap that ``a`` closes (None when the oracle is no better)."""
+    return (u - a) / (u - o) if u - o > 1e-9 else None
+
+
+def qa_markdown(qa: dict, figs: Path) -> list[str]:
+    """The QA section of results.md from the ``"qa"`` dict of scripts/qa_curves.py."""
+    setup = qa["setup"]
+    rows = qa["rows"]
+    key = {(r["mode"], r["signal"], r["budget"]): r for r in rows}
+    base, full = key[("base", None, None)], key[("full", None, None)]
+    train = setup["adapter_training"]
+    plot_curves(rows, figs / "qa_curves.png", "QA adapter on held-out squaddev articles")
+    energy = setup["ladder_energy"]
+    md = [
+        "## Does adaptive rank matter? Extractive QA (issue 11)",
+        "",
+        f"- adapter: `{setup['adapter']}`, LoRA r=64 on every linear layer, trained by "
+        f"`scripts/train_qa_adapter.py` ({train['args']['steps']} steps of {train['args']['batch_size']}; "
+        f"{train['data']['trained_on']} questions of the squaddev TRAIN articles and new_wiki); "
+        f"held-out answer NLL {train['answer_nll_before']:.3f} → {train['answer_nll_after']:.3f}",
+        f"- evaluation: {qa['questions']} questions of the {len(train['data']['held_out_titles'])} held-out "
+        f"squaddev articles for answer NLL (teacher-forced), {qa['generated_questions']} of them for EM / F1 "
+        f"(greedy); model and ladder in {setup['dtype']}",
+        "- ladder energy kept per rung (share of the update's squared Frobenius norm, mean over modules): "
+        + ", ".join(f"r{r}: {100 * e:.0f} %" for r, e in energy.items() if r != "0"),
+        "- every mode plans from the same information: signals from one base forward over the whole "
+        "sequence; the oracle knows each token's NLL at every uniform rung (see "
+        "`chunkwise.eval.curves`); intervals are 95 % paired bootstrap over questions",
+        "",
+        "![rank-quality curves](figures/qa_curves.png)",
+        "",
+    ]
+    head = ["budget", "mode", "signal", "mean rank", "answer NLL", "Δ vs uniform [95 % CI]", "EM", "F1"]
+    paired = {(p["a"], p["signal"], p["budget"]): p for p in qa["paired"]}
+    table_rows = [
+        ["—", "base", "", "0", f"{base['answer_nll']:.4f}", "", _pct(base["em"]), _pct(base["f1"])],
+        ["—", "full", "", "64", f"{full['answer_nll']:.4f}", "", _pct(full["em"]), _pct(full["f1"])],
+    ]
+    statements = []
+    for b in qa["budgets"]:
+        u = key[("uniform", None, b)]
+        for r in [x for x in rows if x["budget"] == b]:
+            p = paired.get((r["mode"], r["signal"], b))
+            diff = "" if p is None else f"{p['nll_diff']:+.4f}{_ci(p['nll_diff_ci95'], 4)}"
+            em = _pct(r["em"]) + ("" if p is None or "em_diff" not in p else f" ({p['em_diff']:+.1f})")
+            cells = [str(b), r["mode"], r["signal"] or "", f"{r['mean_rank']:.1f}", f"{r['answer_nll']:.4f}"]
+            table_rows.append([*cells, diff, em, _pct(r["f1"])])
+        adaptive = [x for x in rows if x["budget"] == b and x["mode"] == "adaptive"]
+        best = min(adaptive, key=lambda x: x["answer_nll"])
+        oracle = key[("oracle", None, b)]
+        pb, pm = paired[("adaptive", best["signal"], b)], paired[("adaptive", "mix", b)]
+        mix = key[("adaptive", "mix", b)]
+        win = pb["nll_diff_ci95"][1] < 0
+        close = _closure(u["answer_nll"], best["answer_nll"], oracle["answer_nll"])
+        close_mix = _closure(u["answer_nll"], mix["answer_nll"], oracle["answer_nll"])
+        statements.append(
+            f"- **budget {b}**: the best signal ({best['signal']}) "
+            + ("beats" if win else "does not beat")
+            + f" uniform rank {b} on answer NLL ({pb['nll_diff']:+.4f}, CI{_ci(pb['nll_diff_ci95'], 4)}); "
+            f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. The oracle's headroom is "
+            f"{u['answer_nll'] - oracle['answer_nll']:+.4f} nats"
+            + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
+            + ("" if close is None else f", the best signal {100 * close:.0f} %")
+            + "."
+        )
+    gain = full["em"] - base["em"] if full["em"] is not None and base["em"] is not None else None
+    if gain:
+        for b in sorted({r["budget"] for r in rows if r["em"] is not None and r["budget"]}):
+            kept = {
+                (r["mode"], r["signal"]): 100 * (r["em"] - base["em"]) / gain
+                for r in rows
+                if r["budget"] == b and r["em"] is not None
+            }
+            statements.append(
+                f"- EM at budget {b}: share of the full adapter's EM gain ({gain:+.1f} points) kept: "
+                + ", ".join(f"{m}{' ' + s if s else ''} {v:.0f} %" for (m, s), v in sorted(kept.items()))
+            )
+    spear = qa["spearman"]
+    sig_names = sorted({r["signal"] for r in spear})
+    sp_rows = [
+        [str(b)] + [next(f"{r['spearman_all']:+.3f} / {r['spearman_answer']:+.3f}" for r in spear
+                         if r["signal"] == s and r["budget"] == b) for s in sig_names]
+        for b in qa["budgets"]
+    ]  # fmt: skip
+    md += [
+        table(head, table_rows),
+        "",
+        "**What the curves say.**",
+        "",
+        *statements,
+        "",
+        "Spearman correlation of each signal's difficulty with the oracle gain (the NLL a position's "
+        "token loses when the ladder is cut to the budget), over all positions / over the positions "
+        "that predict an answer token:",
+        "",
+        table(["budget", *sig_names], sp_rows),
+        "",
+    ]
+    return md
+
+
+def only_qa(args: argparse.Namespace) -> None:
+    """Rewrites the QA section of results.md and the "qa" key of results.json."""
+    qa = json.loads(args.qa_json.read_text())
+    figs = args.out.parent / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    section = "\n".join([QA_START, *qa_markdown(qa, figs), QA_END])
+    text = args.out.read_text() if args.out.exists() else "# Results\n"
+    if QA_START in text and QA_END in text:
+        head, rest = text.split(QA_START, 1)
+        text = head + section + rest.split(QA_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    args.out.write_text(text)
+    out_json = args.out.with_suffix(".json")
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results["qa"] = qa
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote the QA section of {args.out} and {out_json}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, required=True, help="trained PEFT adapter folder")
+    ap.add_argument("--adapter", type=Path, help="trained PEFT adapter folder (the LM adapter)")
     ap.add_argument("--budgets", default="16,32,48", help="target mean ranks (default: 16,32,48)")
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     ap.add_argument("--questions", type=int, default=40, help="SQuAD questions per mode (default: 40)")
     ap.add_argument("--kv-json", type=Path, help="rows written by python -m benches.kv_cpu --json")
+    ap.add_argument("--qa-json", type=Path, default=Path("docs/qa_curves.json"), help="scripts/qa_curves.py")
+    ap.add_argument("--only-qa", action="store_true", help="rewrite only the QA section and the 'qa' key")
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
+    if args.only_qa:
+        only_qa(args)
+        return
+    if args.adapter is None:
+        ap.error("--adapter is required (except with --only-qa)")
     figs = args.out.parent / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -94,6 +237,7 @@ def main() -> None:
     # -- perplexity ------------------------------------------------------------------------
     print("perplexity ...", file=sys.stderr)
     ppl_rows = []
+    ppl_data: list[dict] = []
     base_r = perplexity(cwm, ids, "base", progress=False)
     full_r = perplexity(cwm, ids, "full", progress=False)
     ppl_rows.append(["base (no adapter)", "0", f"{base_r.ppl:.3f}", "—"])
@@ -104,6 +248,10 @@ def main() -> None:
         ad = perplexity(cwm, ids, "adaptive", rank=b, progress=False)
         un = perplexity(cwm, ids, "uniform", rank=max(1, round(ad.mean_rank)), progress=False)
         wins += ad.ppl < un.ppl
+        ppl_data += [
+            {"mode": "adaptive", "budget": b, "mean_rank": ad.mean_rank, "ppl": ad.ppl},
+            {"mode": "uniform", "budget": b, "mean_rank": un.mean_rank, "ppl": un.ppl},
+        ]
         gap = lambda r: (r.ppl - full_r.ppl) / max(1e-9, base_r.ppl - full_r.ppl)  # noqa: E731
         ppl_rows.append(
             [
@@ -266,8 +414,21 @@ def main() -> None:
         f"Total run time {time.time() - t_start:.0f} s.",
         "",
     ]
+    qa = json.loads(args.qa_json.read_text()) if args.qa_json.exists() else None
+    if qa is not None:
+        md += [QA_START, *qa_markdown(qa, figs), QA_END, ""]
     args.out.write_text("\n".join(md))
-    print(f"wrote {args.out}", file=sys.stderr)
+    ppl_data = [
+        {"mode": "base", "budget": None, "mean_rank": 0.0, "ppl": base_r.ppl},
+        {"mode": "full", "budget": None, "mean_rank": full_r.mean_rank, "ppl": full_r.ppl},
+        *ppl_data,
+    ]
+    kv_data = (
+        json.loads(args.kv_json.read_text()) if args.kv_json is not None and args.kv_json.exists() else None
+    )
+    results = {"qa": qa, "ppl": {"tokens": len(ids), "rows": ppl_data}, "kv": kv_data}
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

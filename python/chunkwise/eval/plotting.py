@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ChunkwiseError
 from ..schedule import Plan
 
-__all__ = ["plot_bars", "plot_plan"]
+__all__ = ["plot_bars", "plot_curves", "plot_plan"]
 
 
 def _pyplot() -> Any:
@@ -68,3 +68,39 @@ def plot_bars(results: dict[str, dict], title: str, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Rank-quality curves from the ``"qa"`` rows of docs/results.json: answer NLL (left) and
+    EM (right, where generated) against the mean rank, one line per mode / signal, the base
+    and full adapter as horizontal references, 95 % intervals as error bars."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    panels = ((axes[0], "answer_nll", "answer NLL (nats / token)"), (axes[1], "em", "EM (%)"))
+    for ax, metric, label in panels:
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r.get(metric) is None:
+                continue
+            if r["mode"] in ("base", "full"):
+                ax.axhline(r[metric], color="#888888" if r["mode"] == "base" else "#222222", lw=0.8, ls="--")
+                ax.annotate(r["mode"], (0, r[metric]), fontsize=7, va="bottom")
+                continue
+            name = r["mode"] + (f" ({r['signal']})" if r.get("signal") else "")
+            series.setdefault(name, []).append(r)
+        for name, pts in sorted(series.items()):
+            pts = sorted(pts, key=lambda r: r["budget"])
+            x = [r["budget"] for r in pts]
+            y = np.array([r[metric] for r in pts])
+            ci = np.array([r.get(metric + "_ci95") or [v, v] for r, v in zip(pts, y, strict=True)])
+            style = {"uniform": "-k", "oracle": "-g", "random": ":r"}.get(pts[0]["mode"], "-")
+            ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], fmt=style, lw=1, ms=3, capsize=2, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("mean-rank budget")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
