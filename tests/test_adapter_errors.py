@@ -299,8 +299,8 @@ def test_unknown_config_key_without_a_value_is_accepted(base, adapter, clean, va
 
 def test_lora_on_an_embedding_is_refused(base, tmp_path):
     make_adapter(base, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
-    e = _refused(base, tmp_path / "a", "adapter_model")
-    assert "embed_tokens" in str(e)
+    e = _refused(base, tmp_path / "a", "target_modules")  # the option to change
+    assert "embed_tokens" in str(e) and "embedding" in str(e)
 
 
 def test_peft_type_other_than_lora(base, adapter):

@@ -23,7 +23,7 @@ import torch
 from ..errors import AdapterError
 from .files import CONFIG_FILE, LADDER_FILE, regular_file
 from .settings import LoraSettings, read_config, settings_from_dict
-from .weights import read_weights
+from .weights import AdapterWeights, read_weights, weights_from_tensors
 
 __all__ = ["LadderModule", "RankLadder", "LADDER_FILE", "factor_update"]
 
@@ -67,6 +67,11 @@ def factor_update(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch
     return (root[:, None] * (vh @ qa.T)), ((qb @ u) * root[None, :])
 
 
+def _json_value(value: object) -> object:
+    """How ``save_pretrained`` writes what JSON has no type for: sets as sorted lists."""
+    return sorted(value) if isinstance(value, set | frozenset) else str(value)
+
+
 @dataclasses.dataclass
 class RankLadder:
     """The ladder of one adapter: nested factors per module, plus what PEFT needs to match it."""
@@ -84,24 +89,68 @@ class RankLadder:
         """Converts the PEFT adapter directory ``path`` (config + safetensors or .bin)."""
         config = read_config(path)
         path = Path(path)
-        settings = settings_from_dict(config, str(path / CONFIG_FILE))
-        weights = read_weights(path)
+        settings = settings_from_dict(config, str(path / CONFIG_FILE))  # before the weights: name the option
+        return cls._convert(config, settings, read_weights(path), str(path), name or path.name, dtype)
+
+    @classmethod
+    def from_peft_model(
+        cls, peft_model: object, adapter_name: str = "default", dtype: torch.dtype = torch.float32
+    ) -> RankLadder:
+        """Converts adapter ``adapter_name`` of a loaded ``peft.PeftModel`` from its in-memory
+        config and weights (what ``save_pretrained`` would write; nothing is written), with the
+        same checks as :meth:`from_peft`: DoRA, non-LoRA tuners and unsupported options are
+        refused by name."""
+        configs = getattr(peft_model, "peft_config", None)
+        if not isinstance(configs, dict) or not configs:
+            raise AdapterError(
+                f"peft_model: expected a loaded peft.PeftModel, got {type(peft_model).__name__}", "peft_model"
+            )
+        if adapter_name not in configs:
+            raise AdapterError(
+                f"adapter_name: {adapter_name!r} is not an adapter of this PeftModel ({sorted(configs)})",
+                "adapter_name",
+            )
+        cfg = configs[adapter_name]
+        where = f"PeftModel adapter {adapter_name!r}"
+        # the dict save_pretrained writes as JSON (sets become lists, enums their values)
+        config = json.loads(json.dumps(cfg.to_dict(), default=_json_value))
+        if config.get("peft_type") != "LORA":
+            raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA", "peft_type")
+        settings = settings_from_dict(config, where)
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+        weights = weights_from_tensors({k: v.detach().to("cpu") for k, v in state.items()}, where)
+        return cls._convert(config, settings, weights, where, adapter_name, dtype)
+
+    @classmethod
+    def _convert(
+        cls,
+        config: dict,
+        settings: LoraSettings,
+        weights: AdapterWeights,
+        where: str,
+        name: str,
+        dtype: torch.dtype,
+    ) -> RankLadder:
+        """The ladder of an adapter's checked config and its weights (``where`` names them in
+        errors)."""
         modules = {}
         stray = sorted(m for m, w in weights.modules.items() if w.bias is not None and not settings.lora_bias)
         if stray:
             # PEFT builds no lora_B bias unless the config asks for one, and loads the file's
             # tensor nowhere; so does the ladder, but not silently
             warnings.warn(
-                f"{path}: lora_B.bias tensors of {len(stray)} module(s) ({stray[0]!r}, ...) are ignored: "
+                f"{where}: lora_B.bias tensors of {len(stray)} module(s) ({stray[0]!r}, ...) are ignored: "
                 "the config says lora_bias: false (as PEFT ignores them)",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         for mod, w in weights.modules.items():
             r, _ = settings.rank_alpha(mod)
             if w.a.shape[0] != r:
                 raise AdapterError(
-                    f"{path}: module {mod!r} has rank {w.a.shape[0]} but the config "
+                    f"{where}: module {mod!r} has rank {w.a.shape[0]} but the config "
                     f"(r / rank_pattern) says {r}",
                     "rank_pattern",
                 )
@@ -113,11 +162,11 @@ class RankLadder:
                 bool(torch.isfinite(t).all()) for t in (module.a, module.b, module.bias) if t is not None
             ):
                 raise AdapterError(
-                    f"{path}: module {mod!r}: the scaled factors overflow {dtype} (values too large)",
+                    f"{where}: module {mod!r}: the scaled factors overflow {dtype} (values too large)",
                     "weights",
                 )
             modules[mod] = module
-        return cls(modules, settings, weights.saved, name or path.name, config)
+        return cls(modules, settings, weights.saved, name, config)
 
     @property
     def max_rank(self) -> int:

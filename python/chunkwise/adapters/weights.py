@@ -12,7 +12,7 @@ import torch
 from ..errors import AdapterError
 from .files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, regular_file
 
-__all__ = ["LoraModuleWeights", "AdapterWeights", "read_weights"]
+__all__ = ["LoraModuleWeights", "AdapterWeights", "read_weights", "weights_from_tensors"]
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
@@ -70,7 +70,13 @@ def read_weights(path: str | Path) -> AdapterWeights:
     Raises :class:`AdapterError` for a missing or corrupt file, a pickle, a module with only one
     of ``lora_A`` / ``lora_B``, shapes that do not chain, or non-finite values.
     """
-    tensors = _load_tensors(Path(path))
+    return weights_from_tensors(_load_tensors(Path(path)), str(path))
+
+
+def weights_from_tensors(tensors: dict[str, torch.Tensor], path: str) -> AdapterWeights:
+    """Groups a PEFT adapter state dict (the keys ``save_pretrained`` writes, e.g. from
+    ``peft.get_peft_model_state_dict``) per module, with :func:`read_weights`' checks; ``path``
+    names the source in errors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -78,6 +84,12 @@ def read_weights(path: str | Path) -> AdapterWeights:
         m = _LORA_KEY.match(name)
         if m:
             parts.setdefault(m["module"], {})[m["part"]] = t
+        elif ".lora_embedding_" in name:
+            raise AdapterError(
+                f"{path}: {key!r} is a LoRA on an embedding layer: chunkwise adapts Linear and Conv1D "
+                "layers only (leave embeddings out of target_modules)",
+                "target_modules",
+            )
         elif ".lora_" in name:
             raise AdapterError(f"{path}: unexpected LoRA tensor {key!r}", "adapter_model")
         else:

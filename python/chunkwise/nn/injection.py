@@ -5,6 +5,12 @@ modules its PEFT config targets on this model (a ladder never silently changes w
 are adapted), shapes must fit, ``modules_to_save`` must name real parameters. On any error the
 model is left exactly as it was. :meth:`ChunkwiseModel.unload` puts the original module objects
 and parameters back.
+
+A loaded ``peft.PeftModel`` may be injected as it is: its LoRA adapters (one or several, by
+their PEFT names) become ladders from its in-memory weights, PEFT's layers are taken out (the
+base model's own modules are put back, ``modules_to_save`` originals included), and the adapters
+are then addressable by name as well as by index. What chunkwise cannot run (DoRA, other
+tuners, LoRA on embeddings) is refused by name before anything changes.
 """
 
 from __future__ import annotations
@@ -227,11 +233,24 @@ class ChunkwiseModel:
         top = max(lad.max_rank for lad in self.ladders)
         return TokenPlan.uniform(b * t, top, np.repeat(ad, t), device, dtype)
 
-    def adapter_ids(self, adapters: npt.ArrayLike | None, batch: int) -> np.ndarray:
-        """``adapters`` (one id per sequence, default all 0) checked against the ladders: int32."""
+    @property
+    def adapter_names(self) -> list[str]:
+        """The name of each adapter (its ladder's name; a PeftModel's adapter names), by id."""
+        return [lad.name for lad in self.ladders]
+
+    def adapter_ids(self, adapters: npt.ArrayLike | Sequence[str] | None, batch: int) -> np.ndarray:
+        """``adapters`` (one id or adapter name per sequence, default all 0) checked against the
+        ladders: int32."""
         if adapters is None:
             return np.zeros(batch, np.int32)
         ad = np.asarray(adapters).reshape(-1)
+        if ad.dtype.kind in "US":
+            names = self.adapter_names
+            unknown = sorted({str(a) for a in ad} - set(names))
+            if unknown or len(set(names)) != len(names):
+                why = f"unknown {unknown}" if unknown else f"ambiguous: two adapters share a name in {names}"
+                raise InputError(f"adapters: names {why}; the adapters are {names}", "adapters")
+            ad = np.array([names.index(str(a)) for a in ad], np.int32)
         if len(ad) != batch or ad.dtype.kind not in "iu":
             raise InputError(f"adapters: need {batch} integer adapter ids, got {ad.tolist()}", "adapters")
         if ad.min() < 0 or ad.max() >= len(self.ladders):
@@ -274,12 +293,62 @@ class ChunkwiseModel:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+def _is_peft_model(model: object) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # without peft nothing is a PeftModel
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _from_peft_model(peft_model: Any, scheduler: Scheduler | None) -> ChunkwiseModel:
+    """Ladders of every LoRA adapter of ``peft_model``, PEFT's layers out, ladders in."""
+    from peft.utils import ModulesToSaveWrapper
+
+    ladders = [RankLadder.from_peft_model(peft_model, name) for name in peft_model.peft_config]
+    inner = peft_model.get_base_model()  # the transformers model, PEFT layers inside
+    modules = dict(inner.named_modules())
+    for lad in ladders:
+        for name, mod in lad.modules.items():
+            layer = modules.get(name)
+            base = getattr(layer, "base_layer", None)
+            shape = None if not isinstance(base, nn.Module) else linear_shape(base)
+            if shape != (mod.a.shape[1], mod.b.shape[0]):
+                raise AdapterError(
+                    f"adapter {lad.name!r}: module {name!r} is not a LoRA layer over a Linear / Conv1D of "
+                    f"shape ({mod.a.shape[1]}, {mod.b.shape[0]}) in this PeftModel "
+                    f"(found {type(layer).__name__})",
+                    "peft_model",
+                )
+    wrappers = {name: m for name, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
+    originals = {name: m.original_module for name, m in wrappers.items()}
+    model = peft_model.unload()  # (it leaves the trained modules_to_save copies in place)
+    for name, original in originals.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, original)
+    return ChunkwiseModel(model, ladders, scheduler)
+
+
 def inject(
-    model: nn.Module, ladders: RankLadder | Sequence[RankLadder], scheduler: Scheduler | None = None
+    model: nn.Module,
+    ladders: RankLadder | Sequence[RankLadder] | None = None,
+    scheduler: Scheduler | None = None,
 ) -> ChunkwiseModel:
     """Wraps every module any ladder adapts with :class:`ChunkwiseLinear`.
 
     Adapter i of a batch is ``ladders[i]``. Raises :class:`AdapterError` (model untouched) when a
-    ladder does not fit the model.
+    ladder does not fit the model. ``model`` may also be a loaded ``peft.PeftModel`` (then no
+    ``ladders``): its LoRA adapters become the ladders, in the order of ``peft_config``, named
+    as in PEFT; the returned model's :meth:`ChunkwiseModel.unload` gives the base model back.
     """
+    if _is_peft_model(model):
+        if ladders is not None:
+            raise InputError(
+                "ladders: a PeftModel brings its own adapters; pass no ladders (or pass the base model "
+                "with ladders)",
+                "ladders",
+            )
+        return _from_peft_model(model, scheduler)
+    if ladders is None:
+        raise AdapterError("ladders: inject needs a RankLadder or a list of them (or a PeftModel)", "ladders")
     return ChunkwiseModel(model, ladders, scheduler)
