@@ -151,7 +151,38 @@ def qa_markdown(qa: dict, figs: Path) -> list[str]:
         table(["budget", *sig_names], sp_rows),
         "",
     ]
+    if qa.get("ppl_curves"):
+        md += ppl_curve_markdown(qa["ppl_curves"])
     return md
+
+
+def ppl_curve_markdown(pc: dict) -> list[str]:
+    """The perplexity curves of the LM adapter (same modes, NLL per scored token)."""
+    key = {(r["mode"], r["signal"], r["budget"]): r for r in pc["rows"]}
+    paired = {(p["a"], p["signal"], p["budget"]): p for p in pc["paired"]}
+    base, full = key[("base", None, None)], key[("full", None, None)]
+    rows = [
+        ["—", "base", "", "0", f"{base['ppl']:.3f}", ""],
+        ["—", "full", "", "64", f"{full['ppl']:.3f}", ""],
+    ]
+    for r in pc["rows"]:
+        if r["budget"] is None:
+            continue
+        p = paired.get((r["mode"], r["signal"], r["budget"]))
+        diff = "" if p is None else f"{p['nll_diff']:+.4f}{_ci(p['nll_diff_ci95'], 4)}"
+        rows.append(
+            [str(r["budget"]), r["mode"], r["signal"] or "", f"{r['mean_rank']:.1f}", f"{r['ppl']:.3f}", diff]
+        )
+    setup = pc["setup"]
+    return [
+        f"### Perplexity curves of the LM adapter (`{setup['adapter']}`, {setup['tokens_scored']} held-out "
+        f"Wikipedia tokens, {setup['windows']})",
+        "",
+        table(
+            ["budget", "mode", "signal", "mean rank", "ppl", "Δ NLL vs uniform [95 % CI over windows]"], rows
+        ),
+        "",
+    ]
 
 
 def only_qa(args: argparse.Namespace) -> None:

@@ -9,7 +9,16 @@ import chunkwise as cw
 import numpy as np
 import pytest
 import torch
-from chunkwise.eval.curves import MIX, SIGNALS, QaItem, answer_curves, generation_curves, spearman, summarize
+from chunkwise.eval.curves import (
+    MIX,
+    SIGNALS,
+    QaItem,
+    answer_curves,
+    generation_curves,
+    spearman,
+    summarize,
+    window_items,
+)
 from chunkwise.eval.qa_runs import base_signals, first_adapted_layer, greedy_with_plan, token_nll
 
 from tests.support.peft_helpers import VOCAB, make_adapter, tiny_model
@@ -197,3 +206,15 @@ def test_spearman_against_the_textbook_formula():
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(cw.InputError):
         spearman([1, 2], [1, 2, 3])
+
+
+def test_window_items_score_every_token_once():
+    ids = np.arange(40)
+    items = window_items(ids, window=16, scored=8)
+    assert [len(it.ids) for it in items] == [16] * 4
+    scored = np.concatenate([it.ids[it.answer_positions] for it in items])
+    assert np.array_equal(scored, np.arange(8, 40))
+    with pytest.raises(cw.InputError):
+        window_items(ids, window=8, scored=8)
+    with pytest.raises(cw.InputError):
+        window_items(ids[:10], window=16, scored=8)

@@ -61,6 +61,7 @@ __all__ = [
     "generation_curves",
     "spearman",
     "summarize",
+    "window_items",
 ]
 
 #: the difficulty signals, each alone; ``energy`` is passed to the scheduler as its probe
@@ -85,6 +86,17 @@ class QaItem:
     def answer_positions(self) -> slice:
         """Entries of a per-token array that are answer tokens."""
         return slice(self.n_prompt, len(self.ids))
+
+
+def window_items(ids: Sequence[int] | np.ndarray, window: int = 512, scored: int = 256) -> list[QaItem]:
+    """A long text as items for the perplexity curves: windows of ``window`` tokens, ``scored``
+    apart, each scoring its last ``scored`` tokens (the rest is context), so every token after
+    the first ``window - scored`` is scored once. Mean answer NLL over items = mean NLL per
+    scored token (every item scores the same count)."""
+    a = np.asarray(ids, np.int64).reshape(-1)
+    if not 0 < scored < window or len(a) < window:
+        raise InputError(f"window_items: need 0 < scored < window <= {len(a)} tokens", "window")
+    return [QaItem(a[s : s + window], window - scored) for s in range(0, len(a) - window + 1, scored)]
 
 
 def signal_config(base: SchedulerConfig, signal: str, budget: float) -> SchedulerConfig:
