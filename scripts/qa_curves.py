@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from train_adapter import HelpFormatter, available_cores, git_commit, log
+from train_adapter import HelpFormatter, available_cores, environment, log
 from train_qa_adapter import held_out_split
 
 
@@ -168,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in lm_out["rows"]:
             r["ppl"] = float(np.exp(r["answer_nll"]))
 
-    import peft
-    import transformers
-
     out = summarize(data)
     if lm_out is not None:
         out["ppl_curves"] = lm_out
@@ -184,15 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_questions": len(held_q),
         "seed": args.seed,
         "seconds": {"answer_nll": t_nll, "generation": t_gen, "total": time.perf_counter() - t_start},
-        "environment": {
-            "git": git_commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
+        "environment": environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

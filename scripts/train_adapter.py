@@ -171,6 +171,23 @@ def git_commit() -> dict[str, Any] | None:
     return {"commit": head, "dirty": bool(dirty)}
 
 
+def environment() -> dict[str, Any]:
+    """Where a result was made: commit, versions, threads, machine."""
+    import peft
+    import transformers
+
+    return {
+        "git": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "threads": torch.get_num_threads(),
+        "cores_available": available_cores(),
+        "machine": platform.machine(),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)  # numpy's global RNG is not used
     torch.manual_seed(seed)
@@ -381,9 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
 
-    import peft
-    import transformers
-
     summary = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "base_model": {"requirement": SMOLLM2_REQUIREMENT, "gguf": SMOLLM2_GGUF, "dtype": "float32"},
@@ -419,16 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_after": t_eval_after,
             "total": time.perf_counter() - t_start,
         },
-        "environment": {
-            "git": git_commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "threads": torch.get_num_threads(),
-            "cores_available": available_cores(),
-            "machine": platform.machine(),
-        },
+        "environment": environment(),
     }
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from train_adapter import HelpFormatter, available_cores, git_commit, log, seed_everything
+from train_adapter import HelpFormatter, available_cores, environment, log, seed_everything
 
 #: arguments that do not change the trained adapter (a cached adapter is reused across them)
 _RUN_ONLY = ("out", "force", "threads", "log_every", "no_progress", "cache_dir")
@@ -273,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    import peft
-    import transformers
-
     summary = {
         "args": training_args(args),
         "base_model": {"requirement": SMOLLM2_REQUIREMENT, "gguf": SMOLLM2_GGUF, "dtype": "float32"},
@@ -293,15 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_questions": len(evals),
         "losses": history,
         "time_seconds": {"train": train_seconds, "total": time.perf_counter() - t_start},
-        "environment": {
-            "git": git_commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
+        "environment": environment(),
     }
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(
