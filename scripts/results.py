@@ -112,13 +112,23 @@ def qa_markdown(qa: dict, figs: Path) -> list[str]:
             f"- **budget {b}**: the best signal ({best['signal']}) "
             + ("beats" if win else "does not beat")
             + f" uniform rank {b} on answer NLL ({pb['nll_diff']:+.4f}, CI{_ci(pb['nll_diff_ci95'], 4)}); "
-            f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. The oracle's headroom is "
-            f"{u['answer_nll'] - oracle['answer_nll']:+.4f} nats"
-            + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
-            + ("" if close is None else f", the best signal {100 * close:.0f} %")
-            + "."
+            f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. "
+            + (
+                f"The oracle's headroom over uniform is {u['answer_nll'] - oracle['answer_nll']:.4f} nats"
+                + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
+                + ("" if close is None else f", the best signal {100 * close:.0f} %")
+                + "."
+                if close is not None or close_mix is not None
+                else f"The oracle does not beat uniform ({oracle['answer_nll'] - u['answer_nll']:+.4f}): "
+                "crediting each position with its own token's loss misses what prompt ranks do to the answer."
+            )
         )
     gain = full["em"] - base["em"] if full["em"] is not None and base["em"] is not None else None
+    if gain is not None:
+        statements.append(
+            f"- EM: the full adapter {full['em']:.1f} against the base model's {base['em']:.1f} "
+            f"({gain:+.1f} points; the issue's goal is +15)."
+        )
     if gain:
         for b in sorted({r["budget"] for r in rows if r["em"] is not None and r["budget"]}):
             kept = {
