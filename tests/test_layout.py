@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "kernels": BOTTOM,
     "kv": BOTTOM,
     "assets": BOTTOM | {"adapters"},
-    "nn": BOTTOM | {"schedule", "adapters", "kernels"},
+    "nn": BOTTOM | {"schedule", "adapters", "kernels", "kv"},
     "generation": BOTTOM | {"schedule", "nn", "kv"},
     "eval": BOTTOM | {"schedule", "adapters", "nn", "kv", "generation", "assets"},
     "cli": BOTTOM | {"schedule", "adapters", "nn", "kernels", "kv", "generation", "eval", "assets"},

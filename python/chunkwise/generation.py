@@ -34,7 +34,17 @@ import torch
 
 from .errors import InputError, StateError
 from .kv import KvPolicy, PolicyCache, left_padding, track_attention
-from .nn import ChunkwiseModel, DecodePlan, SignalRequest, TokenPlan, prefill_signals, torch_entropy_surprisal
+from .nn import (
+    ChunkwiseModel,
+    DecodePlan,
+    SignalRequest,
+    TokenPlan,
+    check_prompt,
+    check_token_range,
+    prefill_signals,
+    torch_entropy_surprisal,
+    vocab_size,
+)
 
 __all__ = ["PRIOR_SAMPLES", "Generation", "GenerationResult", "Step", "generate", "stream"]
 
@@ -93,44 +103,6 @@ class GenerationResult:
         return self.sequences[:, self.sequences.shape[1] - self.ranks.shape[1] :]
 
 
-def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.ndim != 2
-        or input_ids.dtype.is_floating_point
-        or input_ids.dtype.is_complex
-        or input_ids.dtype == torch.bool
-    ):
-        what = (
-            f"a {input_ids.dtype} tensor of {input_ids.ndim} dims"
-            if isinstance(input_ids, torch.Tensor)
-            else None
-        )
-        raise InputError(
-            f"input_ids: must be an integer tensor [batch, seq], got {what or type(input_ids).__name__}",
-            "input_ids",
-        )
-    if input_ids.shape[0] == 0:
-        raise InputError("input_ids: the batch is empty", "input_ids")
-    if input_ids.shape[1] == 0:
-        raise InputError("input_ids: the prompt is empty", "input_ids")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise InputError(
-            f"attention_mask: must be a tensor shaped like input_ids {tuple(input_ids.shape)}",
-            "attention_mask",
-        )
-    if attention_mask.dtype.is_complex:
-        raise InputError(f"attention_mask: must be real, got {attention_mask.dtype}", "attention_mask")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):  # 2s used to shift positions
-        bad = sorted({float(v) for v in attention_mask.unique().tolist()} - {0.0, 1.0})[:3]
-        raise InputError(
-            f"attention_mask: holds {bad}; only 0 (padding) and 1 (token) mean anything", "attention_mask"
-        )
-    return input_ids, attention_mask.to(input_ids.device).long()
-
-
 def _int_option(name: str, value: Any, lo: int, hi: int, optional: bool = False) -> None:
     """An int option in [lo, hi] (None allowed when ``optional``), else an InputError naming it."""
     if value is None and optional:
@@ -167,14 +139,6 @@ def _check_options(
             f" (for a named policy use KvPolicy.named({policy!r}, budget))" if isinstance(policy, str) else ""
         )
         raise InputError(f"policy: must be a chunkwise.kv.KvPolicy or None, got {policy!r}{hint}", "policy")
-
-
-def _vocab_size(model: Any) -> int:
-    """Rows of the model's input embedding (the ids it can read), else ``config.vocab_size``."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(emb, torch.nn.Embedding):
-        return int(emb.num_embeddings)
-    return int(model.config.vocab_size)
 
 
 def _scatter(mask: np.ndarray, values: np.ndarray, dtype: type) -> np.ndarray:
@@ -220,7 +184,7 @@ class Generation:
         seed: int | None,
         score_prompt: bool = False,
     ) -> None:
-        self.ids, self.mask = _check_inputs(input_ids, attention_mask)
+        self.ids, self.mask = check_prompt(input_ids, attention_mask)
         _check_options(max_new_tokens, prefill_chunk, temperature, top_k, seed, score_prompt, policy)
         if self.mask.sum(-1).min().item() == 0:
             raise InputError("attention_mask: a sequence has no real token", "attention_mask")
@@ -235,16 +199,10 @@ class Generation:
             raise InputError(
                 "adapters: only a ChunkwiseModel (several ladders) takes adapter ids", "adapters"
             )
-        vocab = _vocab_size(self.hf)
+        vocab = vocab_size(self.hf)
         _int_option("eos_token_id", eos_token_id, 0, vocab - 1, optional=True)
         _int_option("pad_token_id", pad_token_id, 0, vocab - 1)
-        lo, hi = int(self.ids.min()), int(self.ids.max())  # padding columns are embedded too
-        if lo < 0 or hi >= vocab:
-            raise InputError(
-                f"input_ids: token ids (padding included) must be in [0, {vocab}), the model's "
-                f"vocabulary; got [{lo}, {hi}]",
-                "input_ids",
-            )
+        check_token_range(self.ids, vocab)
         self.batch = self.ids.shape[0]
         self.adapters = adapters
         self.ad = self.cwm.adapter_ids(adapters, self.batch) if self.cwm is not None else None

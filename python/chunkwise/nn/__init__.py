@@ -2,9 +2,11 @@
 into a transformers model, and the scheduler's signals computed by torch.
 
 May import: ``chunkwise.schedule``, ``chunkwise.adapters``, ``chunkwise.kernels``,
+``chunkwise.kv`` (the cache that :meth:`ChunkwiseModel.generate` books ranks in),
 ``chunkwise.errors``.
 """
 
+from .hf_generate import REFUSED_OPTIONS, RankTrace
 from .injection import ChunkwiseModel, inject
 from .linear import ChunkwiseLinear, linear_shape
 from .signals import (
@@ -15,20 +17,26 @@ from .signals import (
     prefill_signals,
     torch_entropy_surprisal,
 )
+from .prompt import check_prompt, check_token_range, vocab_size
 from .token_plan import AdapterBlock, DecodePlan, TokenPlan
 
 __all__ = [
+    "REFUSED_OPTIONS",
     "SIGNAL_ROWS",
+    "RankTrace",
     "AdapterBlock",
     "SignalRequest",
     "ChunkwiseLinear",
     "ChunkwiseModel",
     "DecodePlan",
     "TokenPlan",
+    "check_prompt",
+    "check_token_range",
     "inject",
     "linear_shape",
     "logit_signals",
     "next_token_signals",
     "prefill_signals",
     "torch_entropy_surprisal",
+    "vocab_size",
 ]

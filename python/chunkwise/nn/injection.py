@@ -28,6 +28,8 @@ from ..adapters.ladder import RankLadder
 from ..errors import AdapterError, InputError
 from ..schedule.plan import Plan
 from ..schedule.scheduler import Scheduler
+from .hf_generate import RankTrace
+from .hf_generate import generate as hf_generate
 from .linear import ChunkwiseLinear, linear_shape
 from .token_plan import TokenPlan
 
@@ -149,6 +151,8 @@ class ChunkwiseModel:
         self._current: TokenPlan | None = None
         self._wrapped: dict[str, tuple[nn.Module, nn.Module]] = {}
         self._saved_params: dict[str, torch.Tensor] = {}
+        #: The ranks of the last :meth:`generate` call (None before the first).
+        self.last_trace: RankTrace | None = None
         self._attach()
 
     # -- injection -------------------------------------------------------------------------
@@ -291,6 +295,32 @@ class ChunkwiseModel:
         tp = self.token_plan(plan, input_ids, attention_mask, adapters)
         with self.use(tp):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapters: npt.ArrayLike | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' own ``generate`` on the model, each token at the rank the scheduler
+        picks for it (the prompt planned as one chunk, then the streaming decoder fed with the
+        entropy and surprisal of the raw logits that predicted each token, as in
+        :func:`chunkwise.generate`); returns exactly what ``model.generate`` returns.
+
+        Every option of ``generate`` that keeps one sequence per row works: greedy, sampling,
+        top-k / top-p, logits processors, stopping criteria, streamers,
+        ``return_dict_in_generate``, ``num_return_sequences``, left-padded batches. A
+        :class:`~chunkwise.kv.PolicyCache` may be given as ``cache=`` / ``past_key_values=``
+        (built with the prompt's ``attention_mask``), or ``policy=`` a
+        :class:`~chunkwise.kv.KvPolicy` builds one (per row, as :func:`chunkwise.generate`
+        does). ``adapters``: one adapter id or name per input row. The ranks used are then in
+        :attr:`last_trace` (a :class:`~chunkwise.nn.RankTrace`). Beam search, assisted decoding,
+        chunked prefill, ``inputs_embeds`` and ``use_cache=False`` raise :class:`InputError`.
+        """
+        out, self.last_trace = hf_generate(self, input_ids, attention_mask, adapters, **kwargs)
+        return out
 
 
 def _is_peft_model(model: object) -> bool:
