@@ -31,6 +31,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,6 +206,20 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+@contextlib.contextmanager
+def _transformers_progress(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars (weight loading, GGUF conversion) on or off meanwhile;
+    the previous setting is put back."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -232,8 +247,9 @@ def load_smollm2(
     converted = _converted_dir(root)
     if use_converted and _converted_ok(converted, gguf):
         try:
-            model = AutoModelForCausalLM.from_pretrained(converted, **_dtype_kwarg(dtype))
-            tokenizer = AutoTokenizer.from_pretrained(converted)
+            with _transformers_progress(False):  # a local copy loads in about a second
+                model = AutoModelForCausalLM.from_pretrained(converted, **_dtype_kwarg(dtype))
+                tokenizer = AutoTokenizer.from_pretrained(converted)
         except Exception:  # a damaged copy: fall back to the GGUF and rewrite it
             shutil.rmtree(converted, ignore_errors=True)
         else:
@@ -247,8 +263,9 @@ def load_smollm2(
     folder, name = gguf.parent, gguf.name
     try:
         # Always read as float32 (the GGUF de-quantizes to float32); cast after saving the copy.
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_dtype_kwarg(torch.float32))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _transformers_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_dtype_kwarg(torch.float32))
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
         raise ChunkwiseError(f"transformers could not load {gguf}: {type(exc).__name__}: {exc}") from exc
     _strip_gguf_quantizer(model)
