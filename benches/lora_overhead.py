@@ -22,6 +22,11 @@ printed), and ``chunkwise_r32``: every token at rank 32, the cost of exactly tha
   a full cache, which holds what a DynamicCache holds). ``chunkwise_top`` (every token at rank
   64, the same sinks cache) splits chunkwise's perplexity change into the cache's share and the
   rank's. Both prefill in chunks of 512 (``prefill_chunk_size`` for transformers).
+- **hf**: ``ChunkwiseModel.generate`` (transformers' own ``generate`` with chunkwise's hooks)
+  against transformers' ``generate`` on the base model, on PEFT unmerged and merged, and against
+  ``chunkwise.generate``: decode ms per step (batch 1, a 64-token prompt), with the time spent
+  inside chunkwise's hooks per step (:attr:`RankTrace.hook_seconds`) as a share of the plain
+  model's step; ``hf_top`` runs every token at rank 64, the same work as PEFT unmerged.
 - **loop**: ``chunkwise.generate`` against transformers' ``generate`` on a plain tiny model (ms
   per decode step; the loop's own cost).
 
@@ -167,6 +172,63 @@ def s2(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
         rounds,
     )
     return _summary(res, floor="base", reference="peft_mixed")
+
+
+def hf(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
+    """ChunkwiseModel.generate against transformers' generate (see the module docstring)."""
+    from peft import PeftModel
+
+    adapter = random_adapter(base, 64, tmp / "hf")
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
+    ladder = cw.RankLadder.from_peft(adapter)
+    cwm = cw.inject(copy.deepcopy(base), ladder, _scheduler(64))
+    top = cw.inject(copy.deepcopy(base), ladder, _fixed(64))
+    ids = _prompt(tok, 64, 1)
+    mask = torch.ones_like(ids)
+    greedy = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    hooks: dict[str, list[float]] = {"hf": [], "hf_top": []}
+
+    def transformers_step(model: Any, name: str | None = None) -> float:
+        stamps = _Stamps()
+        model.generate(ids, attention_mask=mask, streamer=stamps, **greedy)
+        if name is not None:
+            trace = model.last_trace
+            hooks[name].append(1e3 * trace.hook_seconds / trace.forwards)
+        return stamps.step_ms(skip=2)  # the prompt's put, then the first token (after prefill)
+
+    def loop_step() -> float:
+        stamps = _Stamps()
+        cw.generate(cwm, ids, mask, max_new_tokens=new, prefill_chunk=None, streamer=stamps)
+        return stamps.step_ms(skip=1)  # a Step arrives before the forward that processes it
+
+    variants: dict[str, Callable[[], float]] = {
+        "base": lambda: transformers_step(base),
+        "merged": lambda: transformers_step(merged),
+        "peft": lambda: transformers_step(peft),
+        "hf": lambda: transformers_step(cwm, "hf"),
+        "hf_top": lambda: transformers_step(top, "hf_top"),
+        "chunkwise_generate": loop_step,
+    }
+    for fn in variants.values():  # warm-up
+        fn()
+    for v in hooks.values():
+        v.clear()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    hook_ms = {k: statistics.median(v) for k, v in hooks.items()}
+    return {
+        "decode_ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+        "hook_ms_per_step": {k: round(v, 4) for k, v in hook_ms.items()},
+        "hook_share_of_base_step": round(hook_ms["hf"] / ms["base"], 4),
+        "hf_over_base": round(ms["hf"] / ms["base"], 3),
+        "hf_top_over_peft": round(ms["hf_top"] / ms["peft"], 3),
+        "hf_over_chunkwise_generate": round(ms["hf"] / ms["chunkwise_generate"], 3),
+        "mean_decode_rank": float(cwm.last_trace.ranks[:, :-1].mean()),
+    }
 
 
 def _summary(res: dict, floor: str, reference: str) -> dict:
@@ -339,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (default: 16)")
-    p.add_argument("--only", choices=("s1", "s2", "s3", "loop"), nargs="+", help="run only these parts")
+    p.add_argument("--only", choices=("s1", "s2", "hf", "s3", "loop"), nargs="+", help="run only these parts")
     p.add_argument("--context", type=int, default=8192, help="S3 context tokens (default: 8192)")
     p.add_argument("--s3-new", type=int, default=64, help="S3 new tokens (default: 64)")
     p.add_argument("--chunk", type=int, default=512, help="S3 prefill chunk (default: 512)")
@@ -350,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.s3_worker:
         print(json.dumps(s3_worker(args.s3_worker, args.context, args.new_tokens, args.chunk, args.budget)))
         return 0
-    parts = args.only or ["s1", "s2", "s3", "loop"]
+    parts = args.only or ["s1", "s2", "hf", "s3", "loop"]
     torch.set_grad_enabled(False)
     results: dict[str, Any] = {
         "threads": torch.get_num_threads(),
@@ -360,12 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     if "loop" in parts:
         results["loop"] = loop(args.rounds, args.new_tokens)
         print("loop", json.dumps(results["loop"]))
-    if {"s1", "s2"} & set(parts):
+    if {"s1", "s2", "hf"} & set(parts):
         from chunkwise.assets.smollm2 import load_smollm2
 
         base, tok = load_smollm2()
         with tempfile.TemporaryDirectory() as d:
-            for name, fn in (("s1", s1), ("s2", s2)):
+            for name, fn in (("s1", s1), ("s2", s2), ("hf", hf)):
                 if name in parts:
                     results[name] = fn(base, tok, Path(d), args.rounds, args.new_tokens)
                     print(name, json.dumps(results[name], indent=1))

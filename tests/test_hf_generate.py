@@ -77,6 +77,7 @@ def test_greedy_equals_chunkwise_generate_tokens_and_ranks(adapted, policy):
     np.testing.assert_allclose(trace.difficulty, ref.difficulty, atol=1e-6)
     np.testing.assert_array_equal(trace.prefill_token_ranks, ref.prefill_token_ranks)
     assert len(np.unique(trace.ranks)) > 1  # the ranks really change during decode
+    assert trace.forwards == 30 and trace.hook_seconds > 0  # the prefill, then 29 decode steps
     if policy is not None:
         assert trace.cache.evictions > 0 and ref.cache.evictions == trace.cache.evictions
         assert np.array_equal(trace.cache.ledger.valid(), ref.cache.ledger.valid())
@@ -103,7 +104,9 @@ def test_eos_pads_and_ranks_match(adapted):
     free = cw.generate(cwm, ids, mask, max_new_tokens=15, prefill_chunk=None)
     eos = int(free.new_tokens[0, 3])
     ref = cw.generate(cwm, ids, mask, max_new_tokens=15, prefill_chunk=None, eos_token_id=eos, pad_token_id=1)
-    out = cwm.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    out = cwm.generate(
+        ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=eos, pad_token_id=1
+    )
     assert torch.equal(out, ref.sequences)
     np.testing.assert_array_equal(cwm.last_trace.ranks, ref.ranks)
 
@@ -179,10 +182,14 @@ def test_sampling_runs_adaptive_ranks(adapted):
     ids, mask = ragged_prompt(batch=3, seq=12)
     cwm = adaptive(base, ladder, ids, mask)
     torch.manual_seed(0)
-    a = cwm.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=True, temperature=1.5, pad_token_id=0)
+    a = cwm.generate(
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=True, temperature=1.5, pad_token_id=0
+    )
     ranks_a = cwm.last_trace.ranks
     torch.manual_seed(0)
-    b = cwm.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=True, temperature=1.5, pad_token_id=0)
+    b = cwm.generate(
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=True, temperature=1.5, pad_token_id=0
+    )
     assert torch.equal(a, b) and np.array_equal(ranks_a, cwm.last_trace.ranks)
     assert set(np.unique(ranks_a)) <= {0, 2, 4} and len(np.unique(ranks_a)) > 1
 
@@ -198,7 +205,9 @@ def test_several_adapters_by_name_equal_peft_mixed_batch(tmp_path):
     ids, mask = ragged_prompt(batch=3, seq=10)
     names = ["chat", "sql", "chat"]
     with torch.no_grad():
-        want = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, adapter_names=names, **GREEDY)
+        want = pm.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=12, adapter_names=names, **GREEDY
+        )
     top = max(cw.RankLadder.from_peft(tmp_path / n).max_rank for n in ("sql", "chat"))
     cwm = cw.inject(pm, scheduler=all_top_scheduler(top))
     got = cwm.generate(ids, attention_mask=mask, max_new_tokens=12, adapters=names, **GREEDY)

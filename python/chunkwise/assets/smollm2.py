@@ -264,7 +264,9 @@ def load_smollm2(
     try:
         # Always read as float32 (the GGUF de-quantizes to float32); cast after saving the copy.
         with _transformers_progress(progress):
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_dtype_kwarg(torch.float32))
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, **_dtype_kwarg(torch.float32)
+            )
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
         raise ChunkwiseError(f"transformers could not load {gguf}: {type(exc).__name__}: {exc}") from exc

@@ -9,6 +9,7 @@ May import: ``chunkwise.schedule``, ``chunkwise.adapters``, ``chunkwise.kernels`
 from .hf_generate import REFUSED_OPTIONS, RankTrace
 from .injection import ChunkwiseModel, inject
 from .linear import ChunkwiseLinear, linear_shape
+from .prompt import check_prompt, check_token_range, vocab_size
 from .signals import (
     SIGNAL_ROWS,
     SignalRequest,
@@ -17,7 +18,6 @@ from .signals import (
     prefill_signals,
     torch_entropy_surprisal,
 )
-from .prompt import check_prompt, check_token_range, vocab_size
 from .token_plan import AdapterBlock, DecodePlan, TokenPlan
 
 __all__ = [

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,6 +76,11 @@ class RankTrace:
     prefill_token_ranks: np.ndarray
     #: The KV cache the generation ran with (a PolicyCache, a transformers cache, or None).
     cache: Any = None
+    #: Seconds spent in chunkwise's hooks (planning, decoder steps, plan updates, cache books):
+    #: what ChunkwiseModel.generate adds to transformers' loop, besides the LoRA work itself.
+    hook_seconds: float = 0.0
+    #: Forwards the hooks planned (the prefill, then one per decode step).
+    forwards: int = 0
 
     @property
     def prefill_rank(self) -> float:
@@ -106,7 +112,10 @@ def _refuse_options(kwargs: dict[str, Any], model_config: Any) -> None:
             "use_cache",
         )
     if "inputs_embeds" in kwargs:
-        raise InputError("inputs_embeds: the scheduler plans from token ids; pass input_ids", "inputs_embeds")
+        raise InputError(NO_EMBEDS, "inputs_embeds")
+
+
+NO_EMBEDS = "inputs_embeds: the scheduler plans from token ids; pass input_ids"
 
 
 class _Driver:
@@ -124,15 +133,22 @@ class _Driver:
         self.ranks: list[np.ndarray] = []
         self.difficulty: list[np.ndarray] = []
         self.chunk_id = np.zeros(0, np.uint64)
+        self.hook_seconds = 0.0
+        self.forwards = 0
 
     # -- hooks -----------------------------------------------------------------------------
     def pre(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        t0 = time.perf_counter()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
-            raise InputError("inputs_embeds: the scheduler plans from token ids; pass input_ids", "inputs_embeds")
+            raise InputError(
+                "inputs_embeds: the scheduler plans from token ids; pass input_ids", "inputs_embeds"
+            )
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
-            raise InputError("attention_mask: ChunkwiseModel.generate needs a 2-D padding mask", "attention_mask")
+            raise InputError(
+                "attention_mask: ChunkwiseModel.generate needs a 2-D padding mask", "attention_mask"
+            )
         if self.decoder is None:
             tp, new_mask = self._prefill(ids, mask)
         else:
@@ -140,12 +156,16 @@ class _Driver:
         if self.policy_cache is not None:
             kwargs["attention_mask"] = self.policy_cache.forward_mask(new_mask)
         self.plan_ctx.enter_context(self.cwm.use(tp))
+        self.forwards += 1
+        self.hook_seconds += time.perf_counter() - t0
         return args, kwargs
 
     def post(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        t0 = time.perf_counter()
         self.plan_ctx.close()
         logits = output.logits if hasattr(output, "logits") else output[0]
         self.logits = logits[:, -1]
+        self.hook_seconds += time.perf_counter() - t0
 
     # -- steps -----------------------------------------------------------------------------
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
@@ -208,12 +228,21 @@ class _Driver:
         processed, gets the rank the decoder gives it."""
         new = sequences[:, prompt_len:]
         if self.decoder is not None and len(self.ranks) < new.shape[1]:
-            self._decide(new[:, len(self.ranks)].to(self.logits.device if self.logits is not None else new.device))
+            self._decide(
+                new[:, len(self.ranks)].to(self.logits.device if self.logits is not None else new.device)
+            )
         n = new.shape[1]
         batch = sequences.shape[0]
         ranks = np.stack(self.ranks[:n], 1) if n else np.zeros((batch, 0), np.int32)
         diff = np.stack(self.difficulty[:n], 1) if n else np.zeros((batch, 0), np.float32)
-        return RankTrace(ranks.astype(np.int32), diff.astype(np.float32), self.prefill_ranks, cache)
+        return RankTrace(
+            ranks.astype(np.int32),
+            diff.astype(np.float32),
+            self.prefill_ranks,
+            cache,
+            hook_seconds=self.hook_seconds,
+            forwards=self.forwards,
+        )
 
 
 def _cache_option(kwargs: dict[str, Any], model: Any, mask: torch.Tensor) -> PolicyCache | None:
@@ -252,7 +281,7 @@ def generate(
     ids, mask = check_prompt(input_ids, attention_mask)
     check_token_range(ids, vocab_size(cwm.model))
     left_padding(mask)  # right padding would be planned as text
-    model = cwm.model
+    model: Any = cwm.model  # a transformers model (generate, generation_config)
     _refuse_options(kwargs, getattr(model, "generation_config", None))
     ad = cwm.adapter_ids(adapters, int(ids.shape[0]))
     policy_cache = _cache_option(kwargs, model, mask)

@@ -296,7 +296,6 @@ class ChunkwiseModel:
         with self.use(tp):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-
     def generate(
         self,
         input_ids: torch.Tensor,

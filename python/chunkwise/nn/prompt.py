@@ -53,7 +53,6 @@ def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask.to(input_ids.device).long()
 
 
-
 def vocab_size(model: Any) -> int:
     """Rows of the model's input embedding (the ids it can read), else ``config.vocab_size``."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
