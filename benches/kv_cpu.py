@@ -9,14 +9,15 @@ decode latency at the end of it, per policy, each measured in its own process.
 For each policy a fresh worker process loads the model, streams ``--tokens`` tokens of held-out
 Wikipedia text through a :class:`chunkwise.kv.PolicyCache` in chunks of ``--chunk`` tokens
 (teacher forcing: every token is predicted from what the cache kept), then decodes ``--decode``
-greedy tokens and times each step. Memory: the cache's peak bytes (exact: peak slots x bytes per
-token) and the worker's peak RSS after loading (Linux VmHWM, reset once the model is loaded; it
+greedy tokens and times each step. Memory: the cache's peak bytes (exact: what its tensors hold
+right after a forward, both precisions for an ``-int8`` policy) and the worker's peak RSS after loading (Linux VmHWM, reset once the model is loaded; it
 includes the ~540 MB of fp32 weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -36,6 +37,9 @@ from chunkwise.kv import KvPolicy, PolicyCache, track_attention
 from benches.prefill_cpu import held_out_ids
 
 POLICIES = ("full", "window", "sinks", "h2o", "difficulty")
+#: A policy name with this suffix holds its least-ranked kept tokens in int8 (KvPolicy.int8) at
+#: the same bytes as the evict-only policy's ``--budget`` full-precision tokens.
+INT8 = "-int8"
 ROOT = Path(__file__).resolve().parent.parent  # the workers run as `python -m benches.kv_cpu` from here
 
 
@@ -62,7 +66,10 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
     gc.collect()
     reset_peak_rss()
     rss_model = peak_rss_mb()
-    policy = KvPolicy.named(kind, None if kind == "full" else args.budget, sinks=4, slack=args.slack)
+    name = kind.removesuffix(INT8)
+    policy = KvPolicy.named(name, None if name == "full" else args.budget, sinks=4, slack=args.slack)
+    if kind.endswith(INT8):
+        policy = dataclasses.replace(policy, int8=True)
     cache = PolicyCache(policy, model.config)
     scoring = track_attention(model) if policy.attention_weight > 0 else torch.no_grad()
     nll, n, last_ent = 0.0, 0, torch.zeros(1, 1)
@@ -90,13 +97,14 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             step_ms.append(1e3 * (time.perf_counter() - t1))
             pos = pos + 1
-    per_token = cache.bytes_per_token
     return {
         "policy": kind,
         "budget": cache.policy.budget,
         "tokens": int(ids.shape[1]),
         "ppl": math.exp(nll / n),
-        "kv_peak_mb": cache.peak_slots * per_token / 2**20,
+        "kv_peak_mb": cache.peak_bytes / 2**20,
+        "kv_peak_slots": cache.peak_slots,
+        "int8_moves": cache.quantized,
         "rss_peak_mb": peak_rss_mb(),
         "rss_model_mb": rss_model,
         "decode_ms": statistics.median(step_ms),
@@ -119,7 +127,11 @@ def main() -> None:
         "--decode", type=int, default=32, help="greedy decode steps timed at the end (default 32)"
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {POLICIES}")
+    ap.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma list of {POLICIES}, each optionally with the suffix {INT8!r}",
+    )
     ap.add_argument("--json", type=Path, help="write the rows as JSON here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

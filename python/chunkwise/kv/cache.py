@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _core
 from ..errors import ConfigError, InputError, StateError
+from .int8 import MixedStore, full_slots, int8_bytes_per_token
 from .policy import KvPolicy
 
 __all__ = ["PolicyCache", "active_cache", "left_padding"]
@@ -77,11 +78,14 @@ class PolicyLayer(CacheLayerMixin):
     def __init__(self, owner: PolicyCache) -> None:
         super().__init__()
         self.owner = owner
+        self.mixed: MixedStore | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
+        #: With an int8 policy, the slots at both precisions (``keys`` / ``values`` stay empty).
+        self.mixed = MixedStore(key_states, value_states) if self.owner.policy.int8 else None
         self.is_initialized = True
 
     def update(
@@ -89,14 +93,32 @@ class PolicyLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.mixed is not None:
+            self.mixed.append(key_states, value_states)
+            return self.mixed.read()
         assert self.keys is not None and self.values is not None  # set by lazy_initialization
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer's keys and values hold."""
+        if self.mixed is not None:
+            return self.mixed.nbytes
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
     def gather(self, index: torch.Tensor | None, keep: slice | None) -> None:
         """Keeps slots ``index`` ([batch, S] per row) or the contiguous ``keep`` for all rows."""
         if not self.is_initialized:
+            return
+        if self.mixed is not None:
+            if index is None:
+                assert keep is not None  # one of index / keep is given
+                index = torch.arange(self.mixed.slots)[keep].expand(self.mixed.is_q.shape[0], -1)
+            self.mixed.keep(index.cpu().numpy())
             return
         assert self.keys is not None and self.values is not None  # set by lazy_initialization
         if keep is not None:
@@ -159,6 +181,14 @@ class PolicyCache(Cache):
         self.padding = left_padding(attention_mask) if attention_mask is not None else None
         self.ledger: _core.KvLedger | None = None
         self.evictions = 0
+        #: Largest :attr:`nbytes` right after a forward's keys and values were added.
+        self.peak_bytes = 0
+        #: With an int8 policy: the byte budget, the bytes of a token at full precision and in
+        #: int8, and how many slots have been moved to int8 so far (all rows).
+        self.byte_budget: int | None = None
+        self.full_bytes = 0
+        self.int8_bytes = 0
+        self.quantized = 0
         self.peak_slots = 0
         self._pending: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
         self._scores_seen = True
@@ -190,6 +220,7 @@ class PolicyCache(Cache):
         _ACTIVE.entry = (self, layer_idx)
         if layer_idx == len(self.layers) - 1:
             self.peak_slots = max(self.peak_slots, keys.shape[-2])
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return keys, values
 
     # -- what a generation loop tells it ---------------------------------------------------
@@ -254,7 +285,12 @@ class PolicyCache(Cache):
                 raise InputError(
                     f"attention_mask: has {len(pad)} rows for a batch of {batch}", "attention_mask"
                 )
-            self.policy = self.policy.tokens(self._bytes_per_token(key_states))
+            self.full_bytes = self._bytes_per_token(key_states)
+            if self.policy.int8:
+                _, h, _, d = key_states.shape
+                self.int8_bytes = int8_bytes_per_token(len(self.layers), h, d)
+                self.byte_budget = self.policy.budget_in_bytes(self.full_bytes)
+            self.policy = self.policy.tokens(self.full_bytes, self.int8_bytes or None)
             self.ledger = self.policy.ledger(pad, per_row=self.per_row)
         elif self.policy.attention_weight > 0 and not self._scores_seen:
             raise StateError(
@@ -275,8 +311,37 @@ class PolicyCache(Cache):
             return
         self._flush_scores()
         keep = self.ledger.evict()
-        if keep is None:
+        if keep is not None:
+            self._apply_eviction(keep)
+        if self.byte_budget is not None:
+            self._quantize_over_budget()
+
+    def _quantize_over_budget(self) -> None:
+        """With an int8 policy: once more than ``slack`` slots are at full precision beyond
+        what the byte budget allows, the lowest-ranked of them go to int8."""
+        assert self.ledger is not None and self.byte_budget is not None
+        first = self.policy_layer(0).mixed
+        if first is None:
             return
+        held = len(self.ledger)
+        protected = min(held, self.policy.sinks + self.policy.window)  # never int8
+        n_full = max(protected, full_slots(self.byte_budget, held, self.full_bytes, self.int8_bytes))
+        held_full = first.slots - first.int8_slots
+        if held_full.max(initial=0) <= n_full + self.policy.slack:
+            return
+        to_int8 = ~self.ledger.full_precision(n_full)
+        for i in range(len(self.layers)):
+            mixed = self.policy_layer(i).mixed
+            assert mixed is not None  # every layer of an int8 cache is mixed
+            moved = mixed.demote(to_int8)
+        self.quantized += moved
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached keys and values hold now (all layers, both precisions)."""
+        return sum(self.policy_layer(i).nbytes for i in range(len(self.layers)))
+
+    def _apply_eviction(self, keep: np.ndarray) -> None:
         self.evictions += 1
         index = torch.from_numpy(keep)
         first = keep[0]

@@ -59,6 +59,13 @@ class KvPolicy:
             Needs attention scores: run the model inside :func:`chunkwise.kv.track_attention`
             (:func:`chunkwise.generate` does).
         difficulty_weight: weight of a chunk's mean difficulty in that ranking.
+        int8: hold the least worth keeping of the kept tokens (the same ranking: with
+            ``difficulty_weight``, the easy chunks) in int8 with a float32 scale per token and
+            head, before evicting anything. The budget is then in bytes of both precisions
+            (``budget`` tokens mean the bytes of that many full-precision tokens): as many
+            tokens are kept as fit in int8 besides the full-precision sinks and window, and the
+            best-ranked of them stay at full precision while the bytes allow. Slack applies to
+            both steps (up to ``slack`` tokens over before anything is moved or evicted).
     """
 
     sinks: int = 0
@@ -68,6 +75,7 @@ class KvPolicy:
     slack: int = 0
     attention_weight: float = 0.0
     difficulty_weight: float = 0.0
+    int8: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sinks", "window", "slack"):
@@ -84,6 +92,10 @@ class KvPolicy:
             )
         if self.budget_bytes == 0:
             raise ConfigError("budget_bytes: must be > 0", "budget_bytes")
+        if not isinstance(self.int8, bool | np.bool_):
+            raise ConfigError(f"int8: must be True or False, got {self.int8!r}", "int8")
+        if self.int8 and self.is_full:
+            raise ConfigError("int8: quantizing needs a budget (budget or budget_bytes)", "int8")
         # The Rust core owns the rules (e.g. budget >= sinks + window): ask it once here.
         if self.budget_bytes is None:
             self.ledger([0])
@@ -98,9 +110,33 @@ class KvPolicy:
         """Whether nothing is ever evicted."""
         return self.budget is None and self.budget_bytes is None
 
-    def tokens(self, bytes_per_token: int) -> KvPolicy:
+    def budget_in_bytes(self, bytes_per_token: int) -> int | None:
+        """The budget in bytes of keys + values per sequence (None: keep everything)."""
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return None if self.budget is None else self.budget * bytes_per_token
+
+    def tokens(self, bytes_per_token: int, int8_bytes_per_token: int | None = None) -> KvPolicy:
         """This policy with a byte budget turned into tokens (``bytes_per_token``: keys + values
-        of one token over all layers)."""
+        of one token over all layers). With :attr:`int8` (``int8_bytes_per_token``: the same in
+        int8 with its scales) the token budget is what fits besides the full-precision sinks
+        and window when the other tokens are int8."""
+        if self.int8:
+            if int8_bytes_per_token is None:
+                raise ConfigError("int8: the int8 bytes per token are needed to size the budget", "int8")
+            budget = self.budget_in_bytes(bytes_per_token)
+            assert budget is not None  # int8 policies have a budget
+            protected = self.sinks + self.window
+            room = budget - protected * bytes_per_token
+            if room < 0 or protected + room // int8_bytes_per_token < 1:
+                raise ConfigError(
+                    f"budget: {budget} bytes cannot hold sinks + window = {protected} tokens of "
+                    f"{bytes_per_token} bytes at full precision",
+                    "budget_bytes" if self.budget_bytes is not None else "budget",
+                )
+            return dataclasses.replace(
+                self, budget=protected + room // int8_bytes_per_token, budget_bytes=None
+            )
         if self.budget_bytes is None:
             return self
         budget = self.budget_bytes // max(1, bytes_per_token)

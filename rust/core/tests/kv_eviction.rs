@@ -94,6 +94,17 @@ proptest! {
         // Chunk ids grow with the column, as a decoder's chunk counter does.
         let chunk_of = |col: usize| (col / (1 + prefill % 7)) as u64 * 3 + 1;
         for (step, &(n, seed)) in std::iter::once(&(width, 17u32)).chain(steps.iter()).enumerate() {
+            // The slots held at full precision when each row may hold `n_full`: the real
+            // slots an eviction to `n_full` would keep.
+            let len = ledger.len();
+            let n_full = (seed as usize) % (len + 2);
+            let full = ledger.full_precision(n_full);
+            for (b, row) in rows.iter().enumerate() {
+                let mut want = reference_keep(&policy, row, pads[b] as u64, n_full.min(row.len()));
+                want.retain(|&c| c >= pads[b] as u64);
+                let got: Vec<u64> = (0..len).filter(|&j| full[b * len + j]).map(|j| row[j].0).collect();
+                prop_assert_eq!(&got, &want, "full precision: row {} step {} n_full {}", b, step, n_full);
+            }
             // Evict as the next forward would, and compare with the reference.
             let target = ledger.pending_len();
             if let Some(keep) = ledger.evict() {

@@ -121,6 +121,18 @@ impl KvLedger {
             .transpose()
     }
 
+    /// Which slots to keep at full precision when each sequence may hold `n_full` of them:
+    /// bool [batch, len], per row the first `n_full` real slots in keep priority (sinks,
+    /// recent window, best-scored middle).
+    fn full_precision<'py>(
+        &self,
+        py: Python<'py>,
+        n_full: i64,
+    ) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        let n = count(py, "n_full", n_full)?;
+        grid(py, self.inner.batch_size(), self.inner.full_precision(n))
+    }
+
     /// Slots per sequence after the eviction the next forward will run.
     #[getter]
     fn pending_len(&self) -> usize {

@@ -343,6 +343,21 @@ impl KvLedger {
         Some(all)
     }
 
+    /// Which slots to hold at full precision when each row may hold `n_full` of them (the
+    /// others in a low precision): per row, the first `n_full` of its real slots in keep
+    /// priority (sinks, recent window, then the best-scored middle: what an eviction would
+    /// keep longest). Row-major [batch, len]; padding and dead slots are never chosen.
+    pub fn full_precision(&self, n_full: usize) -> Vec<bool> {
+        let len = self.len();
+        let mut out = vec![false; self.rows.len() * len];
+        for (b, row) in self.rows.iter().enumerate() {
+            for &i in priority(&self.policy, row, self.pad[b] as u64).iter().take(n_full) {
+                out[b * len + i] = true;
+            }
+        }
+        out
+    }
+
     /// Columns held by each row (row-major [batch, len]).
     pub fn columns(&self) -> Vec<u64> {
         self.rows
@@ -358,6 +373,49 @@ impl KvLedger {
             .flat_map(|r| r.score.iter().copied())
             .collect()
     }
+}
+
+/// The value of each of `middle`'s slots in a scored policy's ranking: weighted attention
+/// (relative to the middle's largest) plus weighted chunk difficulty.
+fn middle_values(policy: &KvPolicy, row: &Row, pad: u64, middle: &[usize]) -> Vec<f32> {
+    let diff = row.chunk_difficulty(pad);
+    let max_attn = middle.iter().map(|&i| row.score[i]).fold(0.0f32, f32::max);
+    // score / max (not score * (1 / max)): the reciprocal rounds differently and used to
+    // break exact ties among the middle slots in another order than the definition
+    let attn = |i: usize| {
+        if max_attn > 0.0 {
+            row.score[i] / max_attn
+        } else {
+            0.0
+        }
+    };
+    middle
+        .iter()
+        .map(|&i| policy.attention_weight * attn(i) + policy.difficulty_weight * diff[i])
+        .collect()
+}
+
+/// One row's real slots, most worth keeping first: the sinks, the recent window (newest
+/// first), then the middle by value (scored policies; ties: the newer first) or newest first.
+/// Keeping the first `target` of them is what [`select`] keeps.
+fn priority(policy: &KvPolicy, row: &Row, pad: u64) -> Vec<usize> {
+    let real: Vec<usize> = (0..row.column.len())
+        .filter(|&i| row.column[i] != DEAD && row.column[i] >= pad)
+        .collect();
+    let sinks = policy.sinks.min(real.len());
+    let window = policy.window.min(real.len() - sinks);
+    let middle = &real[sinks..real.len() - window];
+    let mut order: Vec<usize> = real[..sinks].to_vec();
+    order.extend(real[real.len() - window..].iter().rev());
+    if policy.scored() {
+        let value = middle_values(policy, row, pad, middle);
+        let mut idx: Vec<usize> = (0..middle.len()).collect();
+        idx.sort_unstable_by(|&a, &b| value[b].total_cmp(&value[a]).then(b.cmp(&a)));
+        order.extend(idx.into_iter().map(|k| middle[k]));
+    } else {
+        order.extend(middle.iter().rev());
+    }
+    order
 }
 
 /// The `target` slots one row keeps, ascending. See the module docs for padding.
@@ -376,21 +434,7 @@ fn select(policy: &KvPolicy, row: &Row, pad: u64, target: usize) -> Vec<usize> {
     let middle = &real[sinks..real.len() - window];
     let room = target - sinks - window;
     let mut chosen: Vec<usize> = if policy.scored() {
-        let diff = row.chunk_difficulty(pad);
-        let max_attn = middle.iter().map(|&i| row.score[i]).fold(0.0f32, f32::max);
-        // score / max (not score * (1 / max)): the reciprocal rounds differently and used to
-        // break exact ties among the middle slots in another order than the definition
-        let attn = |i: usize| {
-            if max_attn > 0.0 {
-                row.score[i] / max_attn
-            } else {
-                0.0
-            }
-        };
-        let value: Vec<f32> = middle
-            .iter()
-            .map(|&i| policy.attention_weight * attn(i) + policy.difficulty_weight * diff[i])
-            .collect();
+        let value = middle_values(policy, row, pad, middle);
         // Highest value first; ties keep the newer token. A partial selection is enough: the
         // kept slots are sorted by position afterwards.
         let mut order: Vec<usize> = (0..middle.len()).collect();
