@@ -10,8 +10,9 @@ For each policy a fresh worker process loads the model, streams ``--tokens`` tok
 Wikipedia text through a :class:`chunkwise.kv.PolicyCache` in chunks of ``--chunk`` tokens
 (teacher forcing: every token is predicted from what the cache kept), then decodes ``--decode``
 greedy tokens and times each step. Memory: the cache's peak bytes (exact: what its tensors hold
-right after a forward, both precisions for an ``-int8`` policy) and the worker's peak RSS after loading (Linux VmHWM, reset once the model is loaded; it
-includes the ~540 MB of fp32 weights).
+right after a forward, both precisions for an ``-int8`` policy; for transformers'
+QuantizedCache the storages of its tensors) and the worker's peak RSS after loading (Linux
+VmHWM, reset once the model is loaded; it includes the ~540 MB of fp32 weights).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import chunkwise as cw
 import numpy as np
@@ -40,6 +42,31 @@ POLICIES = ("full", "window", "sinks", "h2o", "difficulty")
 #: A policy name with this suffix holds its least-ranked kept tokens in int8 (KvPolicy.int8) at
 #: the same bytes as the evict-only policy's ``--budget`` full-precision tokens.
 INT8 = "-int8"
+#: transformers' own QuantizedCache (keeps every token, quantized; not a chunkwise policy): the
+#: per-tensor fp8 backend (needs nothing more), and quanto's 4-bit (``pip install optimum-quanto``).
+QUANTIZED = {"hf-fp8": {"backend": "fp8"}, "hf-quanto4": {"backend": "quanto", "nbits": 4}}
+
+
+def tensor_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors an object holds (attributes, tuples, quantized tensor subclasses
+    through their flattened parts), each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen or obj.device.type == "meta":
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, tuple | list):
+        return sum(tensor_bytes(o, seen) for o in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
 ROOT = Path(__file__).resolve().parent.parent  # the workers run as `python -m benches.kv_cpu` from here
 
 
@@ -66,12 +93,20 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
     gc.collect()
     reset_peak_rss()
     rss_model = peak_rss_mb()
-    name = kind.removesuffix(INT8)
-    policy = KvPolicy.named(name, None if name == "full" else args.budget, sinks=4, slack=args.slack)
-    if kind.endswith(INT8):
-        policy = dataclasses.replace(policy, int8=True)
-    cache = PolicyCache(policy, model.config)
-    scoring = track_attention(model) if policy.attention_weight > 0 else torch.no_grad()
+    cache: Any
+    if kind in QUANTIZED:
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(config=model.config, **QUANTIZED[kind])
+        scoring: Any = torch.no_grad()
+    else:
+        name = kind.removesuffix(INT8)
+        policy = KvPolicy.named(name, None if name == "full" else args.budget, sinks=4, slack=args.slack)
+        if kind.endswith(INT8):
+            policy = dataclasses.replace(policy, int8=True)
+        cache = PolicyCache(policy, model.config)
+        scoring = track_attention(model) if policy.attention_weight > 0 else torch.no_grad()
+    peak_bytes = 0
     nll, n, last_ent = 0.0, 0, torch.zeros(1, 1)
     t0 = time.perf_counter()
     with torch.inference_mode(), scoring:
@@ -80,7 +115,10 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
             pos = torch.arange(s, s + chunk.shape[1])[None]
             logits = model(input_ids=chunk, position_ids=pos, cache=cache, use_cache=True).logits.float()
             ent, _ = cw.torch_entropy_surprisal(logits)
-            cache.revise_difficulty(torch.cat([last_ent, ent[:, :-1]], 1).numpy())
+            if isinstance(cache, PolicyCache):
+                cache.revise_difficulty(torch.cat([last_ent, ent[:, :-1]], 1).numpy())
+            else:
+                peak_bytes = max(peak_bytes, sum(tensor_bytes(layer) for layer in cache.layers))
             last_ent = ent[:, -1:]
             target = ids[:, s + 1 : s + 1 + chunk.shape[1]]
             if target.shape[1]:
@@ -97,19 +135,21 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             step_ms.append(1e3 * (time.perf_counter() - t1))
             pos = pos + 1
+    if isinstance(cache, PolicyCache):
+        peak_bytes = cache.peak_bytes
     return {
         "policy": kind,
-        "budget": cache.policy.budget,
+        "budget": cache.policy.budget if isinstance(cache, PolicyCache) else None,
         "tokens": int(ids.shape[1]),
         "ppl": math.exp(nll / n),
-        "kv_peak_mb": cache.peak_bytes / 2**20,
-        "kv_peak_slots": cache.peak_slots,
-        "int8_moves": cache.quantized,
+        "kv_peak_mb": peak_bytes / 2**20,
+        "kv_peak_slots": getattr(cache, "peak_slots", None),
+        "int8_moves": getattr(cache, "quantized", 0),
         "rss_peak_mb": peak_rss_mb(),
         "rss_model_mb": rss_model,
         "decode_ms": statistics.median(step_ms),
         "stream_s": stream_s,
-        "evictions": cache.evictions,
+        "evictions": getattr(cache, "evictions", 0),
     }
 
 
@@ -130,7 +170,7 @@ def main() -> None:
     ap.add_argument(
         "--policies",
         default=",".join(POLICIES),
-        help=f"comma list of {POLICIES}, each optionally with the suffix {INT8!r}",
+        help=f"comma list of {POLICIES}, each optionally with the suffix {INT8!r}, or of {sorted(QUANTIZED)}",
     )
     ap.add_argument("--json", type=Path, help="write the rows as JSON here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -103,7 +103,8 @@ def stream(model, policy, ids, chunk=4):
     with torch.inference_mode():
         for s in range(0, ids.shape[1], chunk):
             c = ids[:, s : s + chunk]
-            cache.set_difficulty(np.linspace(0, 1, c.numel(), dtype=np.float32).reshape(c.shape)[:, ::-1].copy())
+            hard_first = np.linspace(1, 0, c.numel(), dtype=np.float32).reshape(c.shape)
+            cache.set_difficulty(hard_first)
             pos = torch.arange(s, s + c.shape[1])[None].expand(ids.shape[0], -1)
             out.append(model(input_ids=c, position_ids=pos, cache=cache, use_cache=True).logits)
     return cache, torch.cat(out, 1)
@@ -190,7 +191,9 @@ def test_int8_composes_with_every_policy_in_generation(policy):
     int8_policy = dataclasses.replace(policy, int8=True)
     cache = PolicyCache(int8_policy, model.config, mask)
     with cw.kv.track_attention(model):
-        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        model.generate(
+            ids, attention_mask=mask, cache=cache, max_new_tokens=40, do_sample=False, pad_token_id=0
+        )
     assert cache.quantized > 0 and len(cache.ledger) > len(evict.cache.ledger)
 
 

@@ -99,9 +99,8 @@ class MixedStore:
     @property
     def nbytes(self) -> int:
         """Bytes the stores hold (both precisions, scales and row padding included)."""
-        return sum(
-            t.numel() * t.element_size() for t in (self.full_k, self.full_v, self.q_k, self.q_v, self.s_k, self.s_v)
-        )
+        parts = (self.full_k, self.full_v, self.q_k, self.q_v, self.s_k, self.s_v)
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """New slots at the end, at full precision."""
