@@ -40,7 +40,8 @@ from benches.prefill_cpu import held_out_ids
 
 POLICIES = ("full", "window", "sinks", "h2o", "difficulty")
 #: A policy name with this suffix holds its least-ranked kept tokens in int8 (KvPolicy.int8) at
-#: the same bytes as the evict-only policy's ``--budget`` full-precision tokens.
+#: the same bytes as the evict-only policy's ``--budget`` full-precision tokens (``sinks-int8``:
+#: the sinks, a full-precision window of half the rest, older tokens in int8).
 INT8 = "-int8"
 #: transformers' own QuantizedCache (keeps every token, quantized; not a chunkwise policy): the
 #: per-tensor fp8 backend (needs nothing more), and quanto's 4-bit (``pip install optimum-quanto``).
@@ -103,7 +104,10 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
         name = kind.removesuffix(INT8)
         policy = KvPolicy.named(name, None if name == "full" else args.budget, sinks=4, slack=args.slack)
         if kind.endswith(INT8):
-            policy = dataclasses.replace(policy, int8=True)
+            # StreamingLLM's budget is all sinks + window, which int8 never touches: its int8
+            # variant keeps a full-precision window of half the room and int8 for older tokens
+            half = dict(window=(args.budget - policy.sinks) // 2) if name == "sinks" else {}
+            policy = dataclasses.replace(policy, int8=True, **half)
         cache = PolicyCache(policy, model.config)
         scoring = track_attention(model) if policy.attention_weight > 0 else torch.no_grad()
     peak_bytes = 0

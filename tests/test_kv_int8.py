@@ -31,12 +31,14 @@ def test_quantize_is_within_half_a_step_of_float64(dtype):
     assert torch.equal(dequantize(q, scale, dtype)[0, 0, 0], torch.zeros(16, dtype=dtype))
 
 
-def test_mixed_store_holds_what_a_plain_reference_holds():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mixed_store_holds_what_a_plain_reference_holds(batch):
     """Random appends, demotions and evictions; after each, read() gives every slot in slot
-    order: its full-precision value, or the dequantized value it had when it was demoted."""
-    rng = np.random.default_rng(1)
+    order: its full-precision value, or the dequantized value it had when it was demoted (one
+    row: the slot-order fast path; three rows moving differently: the general one)."""
+    rng = np.random.default_rng(batch)
     g = torch.Generator().manual_seed(1)
-    batch, heads, d = 3, 2, 8
+    heads, d = 2, 8
     first = torch.randn(batch, heads, 4, d, generator=g)
     store = MixedStore(first, first)
     ref_k: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # per row, per slot [heads, d]

@@ -112,10 +112,37 @@ class MixedStore:
         new = np.broadcast_to(np.arange(width, width + n), (batch, n))
         self.index = np.concatenate([self.index, new], axis=1)
 
+    def _in_slot_order(self) -> bool:
+        """Whether every row holds the same layout with both stores unpadded and in slot order
+        (one sequence, or rows that moved alike): then a read is two index copies."""
+        is_q, index = self.is_q, self.index
+        if not (is_q == is_q[:1]).all() or not (index == index[:1]).all():
+            return False
+        q_row = is_q[0]
+        n_q = int(q_row.sum())
+        return (
+            n_q == self.q_k.shape[-2]
+            and len(q_row) - n_q == self.full_k.shape[-2]
+            and np.array_equal(index[0][q_row], np.arange(n_q))
+            and np.array_equal(index[0][~q_row], np.arange(len(q_row) - n_q))
+        )
+
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every slot in slot order, int8 slots dequantized."""
         if not self.is_q.any():
             return self._full_read()
+        if self._in_slot_order():
+            dev = self.full_k.device
+            q_pos = torch.from_numpy(np.flatnonzero(self.is_q[0])).to(dev)
+            f_pos = torch.from_numpy(np.flatnonzero(~self.is_q[0])).to(dev)
+            out = []
+            for full, q, scale in ((self.full_k, self.q_k, self.s_k), (self.full_v, self.q_v, self.s_v)):
+                b, h, _, d = full.shape
+                t = torch.empty((b, h, self.slots, d), dtype=self.dtype, device=dev)
+                t.index_copy_(2, f_pos, full)
+                t.index_copy_(2, q_pos, dequantize(q, scale, self.dtype))
+                out.append(t)
+            return out[0], out[1]
         width = self.full_k.shape[-2]
         flat = torch.from_numpy(self.index + width * self.is_q).to(self.full_k.device)
         keys = torch.cat([self.full_k, dequantize(self.q_k, self.s_k, self.dtype)], dim=-2)
