@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from chunkwise.kv import KvPolicy, PolicyCache
+from chunkwise.kv import int8
 from chunkwise.kv.int8 import MixedStore, dequantize, full_slots, quantize
 
 from tests.support.peft_helpers import VOCAB, ragged_prompt, tiny_model
@@ -31,22 +32,28 @@ def test_quantize_is_within_half_a_step_of_float64(dtype):
     assert torch.equal(dequantize(q, scale, dtype)[0, 0, 0], torch.zeros(16, dtype=dtype))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_mixed_store_holds_what_a_plain_reference_holds(batch):
+@pytest.mark.parametrize(
+    "batch, max_runs, dtype",
+    [(1, 0, torch.float32), (1, 10**6, torch.float32), (1, 10**6, torch.bfloat16), (3, 32, torch.float32)],
+    ids=["one-row-index-copies", "one-row-slices", "one-row-slices-bf16", "three-rows-gather"],
+)
+def test_mixed_store_holds_what_a_plain_reference_holds(batch, max_runs, dtype, monkeypatch):
     """Random appends, demotions and evictions; after each, read() gives every slot in slot
     order: its full-precision value, or the dequantized value it had when it was demoted (one
-    row: the slot-order fast path; three rows moving differently: the general one)."""
-    rng = np.random.default_rng(batch)
+    row: the slot-order reads, by slices or index copies; three rows moving differently: the
+    general gather)."""
+    monkeypatch.setattr(int8, "MAX_RUNS", max_runs)
+    rng = np.random.default_rng(batch + max_runs)
     g = torch.Generator().manual_seed(1)
     heads, d = 2, 8
-    first = torch.randn(batch, heads, 4, d, generator=g)
+    first = torch.randn(batch, heads, 4, d, generator=g).to(dtype)
     store = MixedStore(first, first)
     ref_k: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # per row, per slot [heads, d]
     for step in range(60):
         op = rng.integers(3) if store.slots else 0
         if op == 0:
             n = int(rng.integers(1, 4))
-            k = torch.randn(batch, heads, n, d, generator=g)
+            k = torch.randn(batch, heads, n, d, generator=g).to(dtype)
             store.append(k, -k)
             for b in range(batch):
                 ref_k[b].extend(k[b, :, i] for i in range(n))
@@ -57,7 +64,7 @@ def test_mixed_store_holds_what_a_plain_reference_holds(batch):
             for b in range(batch):
                 for i in np.flatnonzero(mask[b] & ~before[b]):
                     q, s = quantize(ref_k[b][i])
-                    ref_k[b][i] = dequantize(q, s, torch.float32)
+                    ref_k[b][i] = dequantize(q, s, dtype)
         else:
             keep_n = int(rng.integers(1, store.slots + 1))
             keep = np.stack([np.sort(rng.choice(store.slots, keep_n, replace=False)) for _ in range(batch)])

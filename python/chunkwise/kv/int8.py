@@ -18,6 +18,8 @@ __all__ = ["INT8_SCALE_BYTES", "MixedStore", "dequantize", "full_slots", "int8_b
 
 #: Bytes of one scale (float32) per token and head, for each of keys and values.
 INT8_SCALE_BYTES = 4
+#: Runs of slots of one precision up to which a read copies slice by slice (beyond: index copies).
+MAX_RUNS = 32
 
 
 def int8_bytes_per_token(layers: int, kv_heads: int, head_dim: int) -> int:
@@ -54,13 +56,13 @@ def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _compact(used: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Per row the store entries still used (any order): a [batch, width] gather index of
-    them, ascending and padded with each row's last (or 0), and per row the map old -> new."""
+    """Per row the store entries still used, in the order of the slots using them: a
+    [batch, width] gather index of them (so the store ends up in slot order), padded with each
+    row's last (or 0), and per row the map old -> new."""
     width = max((len(u) for u in used), default=0)
     index = np.zeros((len(used), width), np.int64)
     remap = []
     for b, u in enumerate(used):
-        u = np.sort(u)
         index[b, : len(u)] = u
         if len(u):
             index[b, len(u) :] = u[-1]
@@ -132,22 +134,41 @@ class MixedStore:
         if not self.is_q.any():
             return self._full_read()
         if self._in_slot_order():
-            dev = self.full_k.device
-            q_pos = torch.from_numpy(np.flatnonzero(self.is_q[0])).to(dev)
-            f_pos = torch.from_numpy(np.flatnonzero(~self.is_q[0])).to(dev)
-            out = []
-            for full, q, scale in ((self.full_k, self.q_k, self.s_k), (self.full_v, self.q_v, self.s_v)):
-                b, h, _, d = full.shape
-                t = torch.empty((b, h, self.slots, d), dtype=self.dtype, device=dev)
-                t.index_copy_(2, f_pos, full)
-                t.index_copy_(2, q_pos, dequantize(q, scale, self.dtype))
-                out.append(t)
-            return out[0], out[1]
+            return self._read_in_order(self.full_k, self.q_k, self.s_k), self._read_in_order(
+                self.full_v, self.q_v, self.s_v
+            )
         width = self.full_k.shape[-2]
         flat = torch.from_numpy(self.index + width * self.is_q).to(self.full_k.device)
         keys = torch.cat([self.full_k, dequantize(self.q_k, self.s_k, self.dtype)], dim=-2)
         values = torch.cat([self.full_v, dequantize(self.q_v, self.s_v, self.dtype)], dim=-2)
         return torch.gather(keys, 2, _expand(flat, keys)), torch.gather(values, 2, _expand(flat, values))
+
+    def _read_in_order(self, full: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """One of keys / values when the stores are in slot order (see :meth:`_in_slot_order`):
+        each run of consecutive slots of one precision is one slice copy (or one
+        dequantizing multiply into place), or, when the runs are many, two index copies."""
+        b, h, _, d = full.shape
+        out = torch.empty((b, h, self.slots, d), dtype=self.dtype, device=full.device)
+        is_q = self.is_q[0]
+        edges = np.flatnonzero(np.diff(is_q.astype(np.int8))) + 1
+        starts = np.concatenate([[0], edges])
+        if len(starts) > MAX_RUNS:
+            q_pos = torch.from_numpy(np.flatnonzero(is_q)).to(full.device)
+            f_pos = torch.from_numpy(np.flatnonzero(~is_q)).to(full.device)
+            out.index_copy_(2, f_pos, full)
+            out.index_copy_(2, q_pos, dequantize(q, scale, self.dtype))
+            return out
+        stops = np.concatenate([edges, [self.slots]])
+        n_q = n_f = 0
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            n = stop - start
+            if is_q[start]:
+                torch.mul(q[..., n_q : n_q + n, :], scale[..., n_q : n_q + n, :], out=out[..., start:stop, :])
+                n_q += n
+            else:
+                out[..., start:stop, :] = full[..., n_f : n_f + n, :]
+                n_f += n
+        return out
 
     def _full_read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot at full precision: the store itself when it is already in slot order."""
