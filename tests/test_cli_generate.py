@@ -36,10 +36,26 @@ def test_generate_streams_text_and_writes_json(model_dir, tmp_path):
     assert "new tokens" in out.stdout and "KV cache (sinks)" in out.stdout
     record = json.loads(out_json.read_text())
     assert len(record["new_tokens"]) == 12 and record["prompt_tokens"] == 30
-    assert record["kv"] == {"policy": "sinks", "budget": 12, "peak_slots": record["kv"]["peak_slots"]}
+    assert record["kv"]["policy"] == "sinks" and record["kv"]["budget"] == 12
+    assert record["kv"]["int8"] is False and record["kv"]["int8_moves"] == 0
     assert record["kv"]["peak_slots"] <= 12 + 32 + 8  # budget + slack + one prefill chunk
     assert all(r == -1 for r in record["ranks"])  # no adapter: base model
     assert record["text"].split()[0] in out.stdout
+
+
+def test_generate_with_int8_kv_keeps_more_tokens_in_the_same_bytes(model_dir, tmp_path):
+    records = []
+    for extra in ([], ["--kv-int8"]):
+        out_json = tmp_path / f"g{len(extra)}.json"
+        out = generate(
+            PROMPT, "--model", str(model_dir), "--max-new-tokens", "40", "--kv", "difficulty",
+            "--kv-budget", "16", "--prefill-chunk", "8", "--color", "never", "--json", str(out_json), *extra,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        records.append(json.loads(out_json.read_text())["kv"])
+    evict, q = records
+    assert q["int8"] and q["int8_moves"] > 0 and "moved to int8" in out.stdout
+    assert q["budget"] > evict["budget"]  # tokens kept in the bytes of 16 full-precision ones
 
 
 def test_generate_with_an_adapter_reports_ranks(model_dir, tmp_path):

@@ -10,8 +10,7 @@ import chunkwise as cw
 import numpy as np
 import pytest
 import torch
-from chunkwise.kv import KvPolicy, PolicyCache
-from chunkwise.kv import int8
+from chunkwise.kv import KvPolicy, PolicyCache, int8
 from chunkwise.kv.int8 import MixedStore, dequantize, full_slots, quantize
 
 from tests.support.peft_helpers import VOCAB, ragged_prompt, tiny_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,12 @@ def add_parser(sub: Any) -> None:
         "--kv-budget", type=int, help="tokens the KV cache keeps (needed by every policy but full)"
     )
     sp.add_argument(
+        "--kv-int8",
+        action="store_true",
+        help="hold the least-ranked kept tokens in int8 before evicting: the budget is then the bytes "
+        "of --kv-budget full-precision tokens (h2o / difficulty; sinks and the recent window stay full)",
+    )
+    sp.add_argument(
         "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward (default: 512)"
     )
     sp.add_argument(
@@ -73,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if not text.strip():
         raise InputError("prompt: is empty", "prompt")
     policy = KvPolicy.named(args.kv, args.kv_budget)
+    if args.kv_int8:
+        policy = dataclasses.replace(policy, int8=True)
     model, tok, _ = load_for_command(args)
     if args.chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(
@@ -121,10 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if rungs:
         mean = sum(ranks) / len(ranks)
         print(f"ranks: mean {mean:.1f} of max {rungs[-1]} while decoding; prefill chunks {gen.prefill_ranks}")
-    peak_mb, full_mb = cache.peak_slots * per_token / 2**20, full_slots * per_token / 2**20
+    peak_mb, full_mb = cache.peak_bytes / 2**20, full_slots * per_token / 2**20
+    int8 = f", {cache.quantized} tokens moved to int8" if args.kv_int8 else ""
     print(
         f"KV cache ({args.kv}): peak {cache.peak_slots} slots = {peak_mb:.2f} MB (a full cache: "
-        f"{full_slots} slots = {full_mb:.2f} MB), {cache.evictions} evictions"
+        f"{full_slots} slots = {full_mb:.2f} MB), {cache.evictions} evictions{int8}"
     )
     if args.json is not None:
         record = {
@@ -135,7 +145,14 @@ def run(args: argparse.Namespace) -> int:
             "difficulty": difficulty,
             "prefill_seconds": gen.prefill_seconds,
             "decode_seconds": gen.decode_seconds,
-            "kv": {"policy": args.kv, "budget": cache.policy.budget, "peak_slots": cache.peak_slots},
+            "kv": {
+                "policy": args.kv,
+                "budget": cache.policy.budget,
+                "peak_slots": cache.peak_slots,
+                "peak_bytes": cache.peak_bytes,
+                "int8": bool(args.kv_int8),
+                "int8_moves": cache.quantized,
+            },
         }
         args.json.write_text(json.dumps(record, indent=2))
     return 0
