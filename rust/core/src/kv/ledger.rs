@@ -351,7 +351,10 @@ impl KvLedger {
         let len = self.len();
         let mut out = vec![false; self.rows.len() * len];
         for (b, row) in self.rows.iter().enumerate() {
-            for &i in priority(&self.policy, row, self.pad[b] as u64).iter().take(n_full) {
+            for &i in priority(&self.policy, row, self.pad[b] as u64)
+                .iter()
+                .take(n_full)
+            {
                 out[b * len + i] = true;
             }
         }
