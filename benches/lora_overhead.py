@@ -125,13 +125,18 @@ def _fixed(rank: int) -> cw.Scheduler:
     return cw.Scheduler(cw.SchedulerConfig(rungs=(0, rank), thresholds=(-1.0,), crossfade=0))
 
 
-def s1(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
+def _one_adapter(base: nn.Module, out: Path) -> tuple[nn.Module, nn.Module, cw.RankLadder]:
+    """A random r=64 adapter: (PEFT unmerged, PEFT merged, its ladder)."""
     from peft import PeftModel
 
-    adapter = random_adapter(base, 64, tmp / "s1")
+    adapter = random_adapter(base, 64, out)
     peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
-    ladder = cw.RankLadder.from_peft(adapter)
+    return peft, merged, cw.RankLadder.from_peft(adapter)
+
+
+def s1(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
+    peft, merged, ladder = _one_adapter(base, tmp / "s1")
     cwm = cw.inject(copy.deepcopy(base), ladder, _scheduler(64))
     fixed = cw.inject(copy.deepcopy(base), ladder, _fixed(32))
     ids = _prompt(tok, 256, 1)
@@ -176,12 +181,7 @@ def s2(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
 
 def hf(base: nn.Module, tok: Any, tmp: Path, rounds: int, new: int) -> dict:
     """ChunkwiseModel.generate against transformers' generate (see the module docstring)."""
-    from peft import PeftModel
-
-    adapter = random_adapter(base, 64, tmp / "hf")
-    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
-    ladder = cw.RankLadder.from_peft(adapter)
+    peft, merged, ladder = _one_adapter(base, tmp / "hf")
     cwm = cw.inject(copy.deepcopy(base), ladder, _scheduler(64))
     top = cw.inject(copy.deepcopy(base), ladder, _fixed(64))
     ids = _prompt(tok, 64, 1)

@@ -12,7 +12,14 @@ import pytest
 import torch
 from chunkwise.kv import KvPolicy
 
-from tests.support.peft_helpers import VOCAB, all_top_scheduler, make_adapter, ragged_prompt, tiny_model
+from tests.support.peft_helpers import (
+    VOCAB,
+    all_top_scheduler,
+    make_adapter,
+    ragged_prompt,
+    switching_scheduler,
+    tiny_model,
+)
 
 
 def hf_greedy(model, ids, mask, n):
@@ -67,17 +74,7 @@ def test_adaptive_generation_changes_rank_within_the_ladder(adapted):
     ids, mask = ragged_prompt()
 
     def run(thresholds):
-        cfg = cw.SchedulerConfig(
-            rungs=(0, 2, 4),
-            thresholds=thresholds,
-            min_len=2,
-            max_len=4,
-            granularity=1,
-            hysteresis=0.0,
-            ema=1.0,
-            crossfade=0,
-        )
-        cwm = cw.inject(copy.deepcopy(base), ladder, cw.Scheduler(cfg))
+        cwm = cw.inject(copy.deepcopy(base), ladder, switching_scheduler(thresholds))
         return cw.generate(cwm, ids, mask, max_new_tokens=40, temperature=1.5, seed=1)
 
     # A random tiny model is uncertain everywhere: put the thresholds inside its difficulty range.

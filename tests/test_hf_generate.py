@@ -17,7 +17,14 @@ from chunkwise.kv import KvPolicy, PolicyCache
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from tests.support.peft_helpers import VOCAB, all_top_scheduler, make_adapter, ragged_prompt, tiny_model
+from tests.support.peft_helpers import (
+    VOCAB,
+    all_top_scheduler,
+    make_adapter,
+    ragged_prompt,
+    switching_scheduler,
+    tiny_model,
+)
 
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -35,17 +42,7 @@ def adaptive(base, ladder, ids, mask):
     random model's difficulty range, no hysteresis)."""
 
     def model(thresholds):
-        cfg = cw.SchedulerConfig(
-            rungs=(0, 2, 4),
-            thresholds=thresholds,
-            min_len=2,
-            max_len=4,
-            granularity=1,
-            hysteresis=0.0,
-            ema=1.0,
-            crossfade=1,
-        )
-        return cw.inject(copy.deepcopy(base), ladder, cw.Scheduler(cfg))
+        return cw.inject(copy.deepcopy(base), ladder, switching_scheduler(thresholds, crossfade=1))
 
     probe = cw.generate(model((0.3, 0.6)), ids, mask, max_new_tokens=30, prefill_chunk=None)
     return model(tuple(float(q) for q in np.percentile(probe.difficulty, [33, 66])))

@@ -154,6 +154,22 @@ def all_top_scheduler(top: int, crossfade: int = 0) -> chunkwise.Scheduler:
     return chunkwise.Scheduler(cfg)
 
 
+def switching_scheduler(thresholds: tuple[float, ...], crossfade: int = 0) -> chunkwise.Scheduler:
+    """Rungs (0, 2, 4) at ``thresholds``, short chunks, no hysteresis and no smoothing: the
+    rank follows each token's difficulty, so decoding really switches rungs."""
+    cfg = chunkwise.SchedulerConfig(
+        rungs=(0, 2, 4),
+        thresholds=thresholds,
+        min_len=2,
+        max_len=4,
+        granularity=1,
+        hysteresis=0.0,
+        ema=1.0,
+        crossfade=crossfade,
+    )
+    return chunkwise.Scheduler(cfg)
+
+
 def ones_difficulty(lengths: list[int]) -> list[np.ndarray]:
     return [np.ones(n, np.float32) for n in lengths]
 
