@@ -48,6 +48,7 @@ __all__ = [
     "SMOLLM2_PACKAGE",
     "SMOLLM2_REQUIREMENT",
     "load_smollm2",
+    "smollm2_dir",
     "smollm2_gguf_path",
 ]
 
@@ -204,6 +205,15 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     # transformers >= 4.56 calls it ``dtype``; ``torch_dtype`` is deprecated there.
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of the converted float32 copy (what ``from_pretrained`` reads, e.g. from
+    another environment), made on first use by :func:`load_smollm2`."""
+    folder = _converted_dir(cache_root(cache_dir))
+    if not _converted_ok(folder, smollm2_gguf_path(cache_dir, progress=False)):
+        load_smollm2(cache_dir=cache_dir, progress=False)
+    return folder
 
 
 @contextlib.contextmanager
