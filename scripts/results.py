@@ -8,7 +8,9 @@ data, every number measured on this machine.
     python scripts/results.py --adapter adapters/smollm2-wiki-r64 --kv-json kv.json
 
 ``--only-qa`` rewrites just the QA section of an existing results.md (between its markers) and
-the ``"qa"`` key of results.json from ``--qa-json``, leaving the other sections as they were.
+the ``"qa"`` key of results.json from ``--qa-json``, leaving the other sections as they were;
+``--only-kv`` does the same for the section of kvpress vs chunkwise and the int8 rows (from
+``docs/kv_peers.json`` and ``docs/kv_int8_8k.json``).
 
 Tables: perplexity on held-out Wikipedia (the adapter's own eval split) and SQuAD v1.1 EM/F1 for
 base, full-rank LoRA, and at several mean-rank budgets chunkwise adaptive next to uniform
@@ -25,6 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import chunkwise as cw
 import numpy as np
@@ -36,6 +39,7 @@ from chunkwise.eval.evaluation import perplexity, squad
 from chunkwise.eval.plotting import plot_bars, plot_curves, plot_plan
 
 QA_START, QA_END = "<!-- qa:start (scripts/results.py --only-qa) -->", "<!-- qa:end -->"
+KV_START, KV_END = "<!-- kv-peers:start (scripts/results.py --only-kv) -->", "<!-- kv-peers:end -->"
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -195,24 +199,84 @@ def ppl_curve_markdown(pc: dict) -> list[str]:
     ]
 
 
+def rewrite_section(out: Path, markers: tuple[str, str], lines: list[str], updates: dict[str, Any]) -> None:
+    """Replaces the section between ``markers`` in ``out`` (appended when missing) and sets
+    ``updates`` in the results JSON beside it; the rest of both files is kept."""
+    start, end = markers
+    section = "\n".join([start, *lines, end])
+    text = out.read_text() if out.exists() else "# Results\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
+    out_json = out.with_suffix(".json")
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results.update(updates)
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {', '.join(updates)} into {out} and {out_json}", file=sys.stderr)
+
+
 def only_qa(args: argparse.Namespace) -> None:
     """Rewrites the QA section of results.md and the "qa" key of results.json."""
     qa = json.loads(args.qa_json.read_text())
     figs = args.out.parent / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    section = "\n".join([QA_START, *qa_markdown(qa, figs), QA_END])
-    text = args.out.read_text() if args.out.exists() else "# Results\n"
-    if QA_START in text and QA_END in text:
-        head, rest = text.split(QA_START, 1)
-        text = head + section + rest.split(QA_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    args.out.write_text(text)
-    out_json = args.out.with_suffix(".json")
-    results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["qa"] = qa
-    out_json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote the QA section of {args.out} and {out_json}", file=sys.stderr)
+    rewrite_section(args.out, (QA_START, QA_END), qa_markdown(qa, figs), {"qa": qa})
+
+
+def kv_markdown(peers: dict, int8: dict) -> list[str]:
+    """The KV peers table (kvpress vs chunkwise on long-context QA) and the int8 rows."""
+    rows = []
+    for t in peers["table"]:
+        budget = "full" if t["budget"] is None else f"{100 * t['budget']:.0f} %"
+        ci = f"{t['delta_nll']:+.3f} [{t['delta_low']:+.3f}, {t['delta_high']:+.3f}]"
+        rows.append([budget, t["side"], t["method"], f"{t['answer_nll']:.3f}", ci, f"{t['kv_mb']:.1f}"])
+    full = next(r for r in int8["rows"] if r["policy"] == "full")
+    int8_rows = [
+        [
+            "—" if r["bytes_of_tokens"] is None else f"{r['bytes_of_tokens']} tokens",
+            r["policy"],
+            f"{r['ppl']:.3f}",
+            f"{100 * (r['ppl'] / full['ppl'] - 1):+.2f} %",
+            f"{r['kv_peak_mb']:.1f}",
+            str(r["kv_peak_slots"] or "all"),
+            f"{r['decode_ms']:.1f}",
+        ]
+        for r in int8["rows"]
+    ]
+    return [
+        f"## KV caches side by side: kvpress and chunkwise (long-context QA, {peers['n']} held-out "
+        "squaddev questions, `python -m benches.kv_peers`)",
+        "",
+        "Each context (≥ 2048 tokens of the question's article, the question at the end) is prefilled "
+        "in one forward and its KV cut to the budget; the gold answer is then teacher-forced after "
+        "the question. The base model's greedy EM is 0 here even with the full cache, so the table "
+        "gives the answer's NLL per token, its change against the full cache (paired bootstrap 95 % "
+        "CI over the questions) and the KV held after the cut.",
+        "",
+        table(["budget", "side", "method", "answer NLL", "Δ NLL vs full [95 % CI]", "KV MB"], rows),
+        "",
+        "## int8 KV at equal bytes (8192 held-out tokens streamed, `python -m benches.kv_cpu`)",
+        "",
+        "Budget: the bytes of that many full-precision tokens; `-int8` policies keep more tokens "
+        "in those bytes (sinks and window at full precision); `hf-*`: transformers' QuantizedCache.",
+        "",
+        table(
+            ["bytes of", "policy", "ppl", "Δppl", "KV MB", "tokens kept", "decode ms/token"],
+            int8_rows,
+        ),
+        "",
+    ]
+
+
+def only_kv(args: argparse.Namespace) -> None:
+    """Rewrites the KV peers / int8 section of results.md and its keys of results.json."""
+    peers = json.loads(args.kv_peers_json.read_text())
+    int8 = json.loads(args.kv_int8_json.read_text())
+    updates = {"kv_peers": peers["table"], "kv_int8": int8["rows"]}
+    rewrite_section(args.out, (KV_START, KV_END), kv_markdown(peers, int8), updates)
 
 
 def main() -> None:
@@ -224,10 +288,25 @@ def main() -> None:
     ap.add_argument("--kv-json", type=Path, help="rows written by python -m benches.kv_cpu --json")
     ap.add_argument("--qa-json", type=Path, default=Path("docs/qa_curves.json"), help="scripts/qa_curves.py")
     ap.add_argument("--only-qa", action="store_true", help="rewrite only the QA section and the 'qa' key")
+    ap.add_argument(
+        "--kv-peers-json", type=Path, default=Path("docs/kv_peers.json"), help="python -m benches.kv_peers"
+    )
+    ap.add_argument(
+        "--kv-int8-json",
+        type=Path,
+        default=Path("docs/kv_int8_8k.json"),
+        help="the int8 rows of benches.kv_cpu",
+    )
+    ap.add_argument(
+        "--only-kv", action="store_true", help="rewrite only the KV peers / int8 section and their keys"
+    )
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
     if args.only_qa:
         only_qa(args)
+        return
+    if args.only_kv:
+        only_kv(args)
         return
     if args.adapter is None:
         ap.error("--adapter is required (except with --only-qa)")
