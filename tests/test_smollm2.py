@@ -150,3 +150,10 @@ def test_real_smollm2_forward_and_paris():
     assert torch.isfinite(logits).all()
     next_token = tokenizer.decode(logits[0, -1].argmax())
     assert "Paris" in next_token
+
+    # the converted folder other environments load (benches/kv_peers.py's kvpress venv)
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = models.smollm2_dir()
+    assert AutoConfig.from_pretrained(folder).num_hidden_layers == model.config.num_hidden_layers
+    assert AutoTokenizer.from_pretrained(folder)("Paris").input_ids == tokenizer("Paris").input_ids
