@@ -129,11 +129,30 @@ def run_chunkwise(items: list[dict[str, Any]], threads: int) -> list[dict[str, A
                     cache.revise_difficulty(torch.cat([torch.zeros(1, 1), ent[:, :-1]], 1).numpy())
                 held = _held_after_cut(cache)
                 nll, n = answer_nll(model, item, cache, "cache")
-            rows.append(
-                {"side": "chunkwise", "method": kind, "budget": frac, "id": item["id"], "nll": nll, "n": n,
-                 "kv_mb": held / 2**20, "seconds": time.perf_counter() - t0}
-            )  # fmt: skip
+            rows.append(result_row("chunkwise", kind, frac, item, (nll, n), held, t0))
     return rows
+
+
+def result_row(
+    side: str,
+    method: str,
+    budget: float | None,
+    item: dict[str, Any],
+    nll: tuple[float, int],
+    held: int,
+    t0: float,
+) -> dict[str, Any]:
+    """One (question, cache) result: the answer's summed NLL and token count, KV MB, seconds."""
+    return {
+        "side": side,
+        "method": method,
+        "budget": budget,
+        "id": item["id"],
+        "nll": nll[0],
+        "n": nll[1],
+        "kv_mb": held / 2**20,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def answer_nll(model: Any, item: dict[str, Any], cache: Any, cache_kw: str) -> tuple[float, int]:
@@ -181,10 +200,7 @@ def press_worker(items_path: Path, model_dir: Path, threads: int) -> list[dict[s
                         model(input_ids=ids[:, :c], past_key_values=cache, use_cache=True)
                     held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
                     nll, n = answer_nll(model, item, cache, "past_key_values")
-                rows.append(
-                    {"side": "kvpress", "method": name, "budget": frac, "id": item["id"], "nll": nll, "n": n,
-                     "kv_mb": held / 2**20, "seconds": time.perf_counter() - t0}
-                )  # fmt: skip
+                rows.append(result_row("kvpress", name, frac, item, (nll, n), held, t0))
     return rows
 
 

@@ -41,6 +41,7 @@ from .nn import (
     TokenPlan,
     check_prompt,
     check_token_range,
+    host_step,
     prefill_signals,
     torch_entropy_surprisal,
     vocab_size,
@@ -401,14 +402,7 @@ class Generation:
             tok = torch.where(torch.from_numpy(done).to(tok.device), torch.full_like(tok, self.pad), tok)
             ent, sur = torch_entropy_surprisal(logits, tok, overwrite=True)  # logits: read for the last time
             assert sur is not None  # token ids were given
-            # one host copy (one synchronisation on a GPU) per step: signals and tokens together;
-            # float32 holds every token id below 2^24 exactly
-            if logits.shape[-1] <= 1 << 24:
-                host = torch.stack([ent.float(), sur.float(), tok.float()]).cpu().numpy()
-                ent_np, sur_np, tok_np = host[0], host[1], host[2].astype(np.int64)
-            else:
-                ent_np, sur_np = ent.cpu().numpy(), sur.cpu().numpy()
-                tok_np = tok.cpu().numpy().astype(np.int64)
+            ent_np, sur_np, tok_np = host_step(ent, sur, tok, logits.shape[-1])
             tp = None
             if decoder is not None:
                 decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)

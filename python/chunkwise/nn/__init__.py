@@ -13,6 +13,7 @@ from .prompt import check_prompt, check_token_range, vocab_size
 from .signals import (
     SIGNAL_ROWS,
     SignalRequest,
+    host_step,
     logit_signals,
     next_token_signals,
     prefill_signals,
@@ -32,6 +33,7 @@ __all__ = [
     "TokenPlan",
     "check_prompt",
     "check_token_range",
+    "host_step",
     "inject",
     "linear_shape",
     "logit_signals",

@@ -40,7 +40,7 @@ import torch
 from ..errors import InputError, StateError
 from ..kv import KvPolicy, PolicyCache, left_padding, track_attention
 from .prompt import check_prompt, check_token_range, vocab_size
-from .signals import torch_entropy_surprisal
+from .signals import host_step, torch_entropy_surprisal
 from .token_plan import DecodePlan
 
 if TYPE_CHECKING:
@@ -202,9 +202,8 @@ class _Driver:
         assert self.logits is not None and self.decoder is not None
         ent, sur = torch_entropy_surprisal(self.logits, tokens)
         assert sur is not None  # token ids were given
-        host = torch.stack([ent.float(), sur.float()]).cpu().numpy()
-        tok_np = tokens.detach().cpu().numpy().astype(np.int64)
-        self.decoder.step(tok_np, entropy=host[0], surprisal=host[1])
+        ent_np, sur_np, tok_np = host_step(ent, sur, tokens, self.logits.shape[-1])
+        self.decoder.step(tok_np, entropy=ent_np, surprisal=sur_np)
         self.chunk_id += self.decoder.new_chunk.astype(np.uint64)
         self.ranks.append(self.decoder.rank.copy())
         self.difficulty.append(self.decoder.difficulty.copy())

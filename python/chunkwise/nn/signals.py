@@ -29,6 +29,7 @@ __all__ = [
     "logit_signals",
     "next_token_signals",
     "prefill_signals",
+    "host_step",
     "torch_entropy_surprisal",
 ]
 
@@ -146,6 +147,22 @@ def torch_entropy_surprisal(
     ent, nll = logit_signals(logits, token_ids, overwrite=overwrite)
     sur = None if nll is None else (nll / ln_v).clamp(0.0, 1.0)
     return (ent / ln_v).clamp(0.0, 1.0), sur
+
+
+def host_step(
+    entropy: torch.Tensor, surprisal: torch.Tensor, tokens: torch.Tensor, vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A decode step's signals and tokens on the host in one copy (one synchronisation on a
+    GPU): (entropy float32, surprisal float32, token ids int64). float32 holds every token id
+    below 2^24 exactly; a larger vocabulary takes separate copies."""
+    if vocab <= 1 << 24:
+        host = torch.stack([entropy.float(), surprisal.float(), tokens.float()]).cpu().numpy()
+        return host[0], host[1], host[2].astype(np.int64)
+    return (
+        entropy.float().cpu().numpy(),
+        surprisal.float().cpu().numpy(),
+        tokens.detach().cpu().numpy().astype(np.int64),
+    )
 
 
 # models whose logits are exactly lm_head(last hidden state): checked once per model
