@@ -215,3 +215,16 @@ def test_sinks_and_window_are_never_int8():
     q = cw.generate(model, ids, mask, max_new_tokens=30, policy=dataclasses.replace(policy, int8=True))
     assert q.cache.quantized == 0
     assert torch.equal(q.sequences, evict.sequences)
+
+
+def test_peak_bytes_of_a_one_precision_cache_is_its_largest_nbytes():
+    model = tiny_model("llama", max_position_embeddings=256)
+    ids, mask = ragged_prompt(batch=2, seq=12)
+    seen = []
+    out = cw.generate(
+        model, ids, mask, max_new_tokens=20, policy=KvPolicy.sliding_window(10, slack=3),
+        streamer=lambda step: seen.append(0),
+    )  # fmt: skip
+    cache = out.cache
+    assert cache.peak_bytes == cache.peak_slots * cache.full_bytes * 2
+    assert cache.peak_bytes >= cache.nbytes > 0

@@ -181,8 +181,7 @@ class PolicyCache(Cache):
         self.padding = left_padding(attention_mask) if attention_mask is not None else None
         self.ledger: _core.KvLedger | None = None
         self.evictions = 0
-        #: Largest :attr:`nbytes` right after a forward's keys and values were added.
-        self.peak_bytes = 0
+        self.peak_int8_bytes = 0
         #: With an int8 policy: the byte budget, the bytes of a token at full precision and in
         #: int8, and how many slots have been moved to int8 so far (all rows).
         self.byte_budget: int | None = None
@@ -220,7 +219,8 @@ class PolicyCache(Cache):
         _ACTIVE.entry = (self, layer_idx)
         if layer_idx == len(self.layers) - 1:
             self.peak_slots = max(self.peak_slots, keys.shape[-2])
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+            if self.byte_budget is not None:  # two precisions: count them (else derived from slots)
+                self.peak_int8_bytes = max(self.peak_int8_bytes, self.nbytes)
         return keys, values
 
     # -- what a generation loop tells it ---------------------------------------------------
@@ -335,6 +335,13 @@ class PolicyCache(Cache):
             assert mixed is not None  # every layer of an int8 cache is mixed
             moved = mixed.demote(to_int8)
         self.quantized += moved
+
+    @property
+    def peak_bytes(self) -> int:
+        """Largest :attr:`nbytes` right after a forward's keys and values were added."""
+        if self.byte_budget is not None:
+            return self.peak_int8_bytes
+        return self.peak_slots * self.full_bytes * (0 if self.ledger is None else len(self.ledger.padding))
 
     @property
     def nbytes(self) -> int:
