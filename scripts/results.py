@@ -226,13 +226,20 @@ def only_qa(args: argparse.Namespace) -> None:
     rewrite_section(args.out, (QA_START, QA_END), qa_markdown(qa, figs), {"qa": qa})
 
 
+PEERS_HEAD = ["budget", "side", "method", "EM (Δ vs full [95 % CI])", "F1", "answer NLL"]
+PEERS_HEAD += ["Δ NLL vs full [95 % CI]", "KV MB"]
+
+
 def kv_markdown(peers: dict, int8: dict) -> list[str]:
     """The KV peers table (kvpress vs chunkwise on long-context QA) and the int8 rows."""
     rows = []
     for t in peers["table"]:
         budget = "full" if t["budget"] is None else f"{100 * t['budget']:.0f} %"
-        ci = f"{t['delta_nll']:+.3f} [{t['delta_low']:+.3f}, {t['delta_high']:+.3f}]"
-        rows.append([budget, t["side"], t["method"], f"{t['answer_nll']:.3f}", ci, f"{t['kv_mb']:.1f}"])
+        em = f"{t['em']:.1f} ({t['delta_em']:+.1f} [{t['delta_em_low']:+.1f}, {t['delta_em_high']:+.1f}])"
+        nll = f"{t['delta_nll']:+.3f} [{t['delta_nll_low']:+.3f}, {t['delta_nll_high']:+.3f}]"
+        cells = [budget, t["side"], t["method"], em, f"{t['f1']:.1f}", f"{t['answer_nll']:.3f}", nll]
+        rows.append([*cells, f"{t['kv_mb']:.1f}"])
+    model = "SmolLM2-135M-Instruct" + (f" + `{peers['adapter']}` merged" if peers.get("adapter") else "")
     full = next(r for r in int8["rows"] if r["policy"] == "full")
     int8_rows = [
         [
@@ -250,13 +257,14 @@ def kv_markdown(peers: dict, int8: dict) -> list[str]:
         f"## KV caches side by side: kvpress and chunkwise (long-context QA, {peers['n']} held-out "
         "squaddev questions, `python -m benches.kv_peers`)",
         "",
-        "Each context (≥ 2048 tokens of the question's article, the question at the end) is prefilled "
-        "in one forward and its KV cut to the budget; the gold answer is then teacher-forced after "
-        "the question. The base model's greedy EM is 0 here even with the full cache, so the table "
-        "gives the answer's NLL per token, its change against the full cache (paired bootstrap 95 % "
-        "CI over the questions) and the KV held after the cut.",
+        f"Model: {model}, fp32, the same dense weights on both sides. Each context (≥ "
+        f"{peers.get('min_context', 2048)} tokens of the question's article, the question at the end) is "
+        "prefilled in one forward and its KV cut to the budget; then the greedy answer (at most "
+        f"{peers.get('max_answer', 24)} tokens) gives EM and F1 against every gold answer, and the gold "
+        "answer teacher-forced after the question gives its NLL per token. Changes are against the "
+        "full cache, paired over the questions (bootstrap 95 % CI); KV MB: what is held after the cut.",
         "",
-        table(["budget", "side", "method", "answer NLL", "Δ NLL vs full [95 % CI]", "KV MB"], rows),
+        table(PEERS_HEAD, rows),
         "",
         "## int8 KV at equal bytes (8192 held-out tokens streamed, `python -m benches.kv_cpu`)",
         "",
