@@ -239,7 +239,7 @@ def kv_markdown(peers: dict, int8: dict) -> list[str]:
         nll = f"{t['delta_nll']:+.3f} [{t['delta_nll_low']:+.3f}, {t['delta_nll_high']:+.3f}]"
         cells = [budget, t["side"], t["method"], em, f"{t['f1']:.1f}", f"{t['answer_nll']:.3f}", nll]
         rows.append([*cells, f"{t['kv_mb']:.1f}"])
-    model = "SmolLM2-135M-Instruct" + (f" + `{peers['adapter']}` merged" if peers.get("adapter") else "")
+    model = "SmolLM2-135M-Instruct" + (f" + `{peers['adapter']}` merged" if peers["adapter"] else "")
     full = next(r for r in int8["rows"] if r["policy"] == "full")
     int8_rows = [
         [
@@ -258,9 +258,9 @@ def kv_markdown(peers: dict, int8: dict) -> list[str]:
         "squaddev questions, `python -m benches.kv_peers`)",
         "",
         f"Model: {model}, fp32, the same dense weights on both sides. Each context (≥ "
-        f"{peers.get('min_context', 2048)} tokens of the question's article, the question at the end) is "
+        f"{peers['min_context']} tokens of the question's article, the question at the end) is "
         "prefilled in one forward and its KV cut to the budget; then the greedy answer (at most "
-        f"{peers.get('max_answer', 24)} tokens) gives EM and F1 against every gold answer, and the gold "
+        f"{peers['max_answer']} tokens) gives EM and F1 against every gold answer, and the gold "
         "answer teacher-forced after the question gives its NLL per token. Changes are against the "
         "full cache, paired over the questions (bootstrap 95 % CI); KV MB: what is held after the cut.",
         "",
