@@ -230,6 +230,30 @@ PEERS_HEAD = ["budget", "side", "method", "EM (Δ vs full [95 % CI])", "F1", "an
 PEERS_HEAD += ["Δ NLL vs full [95 % CI]", "KV MB"]
 
 
+def peers_verdict(table_rows: list[dict]) -> list[str]:
+    """One line per budget: chunkwise's best policy beside kvpress's best press and its
+    StreamingLLM (by EM, ties broken by the answer NLL), the figures the issue's goal names."""
+
+    def best(rows: list[dict]) -> dict:
+        return max(rows, key=lambda t: (t["em"], -t["answer_nll"]))
+
+    lines = []
+    for budget in sorted({t["budget"] for t in table_rows if t["budget"] is not None}):
+        at = [t for t in table_rows if t["budget"] == budget]
+        ours = best([t for t in at if t["side"] == "chunkwise"])
+        press = best([t for t in at if t["side"] == "kvpress"])
+        stream = next((t for t in at if t["method"] == "streaming_llm"), None)
+        line = (
+            f"- {100 * budget:.0f} %: chunkwise's best, `{ours['method']}`, EM {ours['em']:.1f} / NLL "
+            f"{ours['answer_nll']:.3f}; kvpress's best, `{press['method']}`, EM {press['em']:.1f} / "
+            f"NLL {press['answer_nll']:.3f}"
+        )
+        if stream is not None:
+            line += f"; StreamingLLM EM {stream['em']:.1f} / NLL {stream['answer_nll']:.3f}"
+        lines.append(line + ".")
+    return lines
+
+
 def kv_markdown(peers: dict, int8: dict) -> list[str]:
     """The KV peers table (kvpress vs chunkwise on long-context QA) and the int8 rows."""
     rows = []
@@ -265,6 +289,11 @@ def kv_markdown(peers: dict, int8: dict) -> list[str]:
         "full cache, paired over the questions (bootstrap 95 % CI); KV MB: what is held after the cut.",
         "",
         table(PEERS_HEAD, rows),
+        "",
+        f"Best of each side per budget (one question is {100 / peers['n']:.1f} EM points, so the "
+        "EM intervals span tens of points; the answer NLL is the finer comparison):",
+        "",
+        *peers_verdict(peers["table"]),
         "",
         "## int8 KV at equal bytes (8192 held-out tokens streamed, `python -m benches.kv_cpu`)",
         "",
