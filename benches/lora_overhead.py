@@ -425,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     if {"s1", "s2", "hf"} & set(parts):
         from chunkwise.assets.smollm2 import load_smollm2
 
-        base, tok = load_smollm2()
+        loaded, tok = load_smollm2()
+        # every system runs a deep copy: the loaded weights may be memory-mapped from the
+        # safetensors file, and mapped pages the kernel reclaims and refaults made the plain
+        # model up to 1.4x slower than its own copies (merged, PEFT, chunkwise) on this machine
+        base = copy.deepcopy(loaded)
+        del loaded
         with tempfile.TemporaryDirectory() as d:
             for name, fn in (("s1", s1), ("s2", s2), ("hf", hf)):
                 if name in parts:

@@ -343,3 +343,31 @@ def test_use_nests_and_restores(tmp_path):
         outer = m.model(input_ids=ids).logits
     assert torch.allclose(inner, logits(base, ids), atol=1e-6)
     assert_matches(outer, logits(pm, ids), inner)
+
+
+def test_cpu_layout_of_b_keeps_rank_prefixes_contiguous_and_exact():
+    """On the CPU B' is kept as the transpose of a contiguous [R, out] tensor (its rank prefixes
+    are then contiguous rows), after add_ladder and after a dtype move; outputs are unchanged."""
+    g = torch.Generator().manual_seed(5)
+    in_f, out_f, r = 12, 10, 8
+    base = nn.Linear(in_f, out_f, bias=False)
+    a = torch.randn(r, in_f, generator=g)
+    bb = torch.randn(out_f, r, generator=g)
+    assert bb.is_contiguous() and not bb.T.is_contiguous()  # the ladder's own layout differs
+    current: list[TokenPlan | None] = [None]
+    layer = ChunkwiseLinear(base, lambda: current[0])
+    layer.add_ladder(0, LadderModule(a, bb))
+    x = torch.randn(3, in_f, generator=g)
+    for moved in (False, True):
+        if moved:
+            layer = layer.double()
+            x = x.double()
+        stored = dict(layer.named_buffers())["ladder_b_0"]
+        assert stored.T.is_contiguous() and stored.shape == (out_f, r)
+        for rank in (2, 5, 8):
+            current[0] = TokenPlan.uniform(3, rank, np.zeros(3, np.int32), "cpu", x.dtype)
+            with torch.no_grad():
+                got = (layer(x) - layer.base_layer(x)).double()
+            want = x.double() @ a.double()[:rank].T @ bb.double()[:, :rank].T
+            tol = 1e-12 if moved else 1e-5
+            assert float((got - want).norm() / want.norm()) < tol, (moved, rank)
