@@ -347,7 +347,8 @@ def test_use_nests_and_restores(tmp_path):
 
 def test_cpu_layout_of_b_keeps_rank_prefixes_contiguous_and_exact():
     """On the CPU B' is kept as the transpose of a contiguous [R, out] tensor (its rank prefixes
-    are then contiguous rows), after add_ladder and after a dtype move; outputs are unchanged."""
+    are then contiguous rows), in the ladder, in the layer (shared) and after a dtype move;
+    outputs are unchanged."""
     g = torch.Generator().manual_seed(5)
     in_f, out_f, r = 12, 10, 8
     base = nn.Linear(in_f, out_f, bias=False)
@@ -356,7 +357,11 @@ def test_cpu_layout_of_b_keeps_rank_prefixes_contiguous_and_exact():
     assert bb.is_contiguous() and not bb.T.is_contiguous()  # the ladder's own layout differs
     current: list[TokenPlan | None] = [None]
     layer = ChunkwiseLinear(base, lambda: current[0])
-    layer.add_ladder(0, LadderModule(a, bb))
+    ladder = LadderModule(a, bb)
+    assert ladder.b.T.is_contiguous() and torch.equal(ladder.b, bb)  # built in that layout
+    layer.add_ladder(0, ladder)
+    # the layer shares the ladder's tensor (no second copy of B' on the same device and dtype)
+    assert dict(layer.named_buffers())["ladder_b_0"].data_ptr() == ladder.b.data_ptr()
     x = torch.randn(3, in_f, generator=g)
     for moved in (False, True):
         if moved:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..adapters.ladder import LadderModule
+from ..adapters.ladder import LadderModule, prefix_layout
 from ..errors import StateError
 from .token_plan import AdapterBlock, TokenPlan
 
@@ -31,18 +31,6 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
         assert isinstance(w, torch.Tensor)
         return int(w.shape[0]), int(w.shape[1])
     return None
-
-
-def _device_layout(b: torch.Tensor) -> torch.Tensor:
-    """B' [out, R] stored the way its device reads rank prefixes fastest.
-
-    On the CPU, as the transposed view of a contiguous [R, out] tensor: the expand reads
-    ``B'[:, :r]ᵀ``, which is then r contiguous rows instead of ``out`` strided pieces of rows
-    (at decode rank 8 of 64 the strided prefix costs ~2 ms more per SmolLM2 token over its 210
-    modules). Elsewhere contiguous [out, R], as the CUDA kernels read it."""
-    if b.device.type == "cpu":
-        return b if b.T.is_contiguous() else b.T.contiguous().T
-    return b.contiguous()
 
 
 class _Factors:
@@ -68,7 +56,7 @@ class ChunkwiseLinear(nn.Module):
 
     :meth:`add_ladder` gives it adapter i's factors for this layer, kept as the non-persistent
     buffers ``ladder_a_i`` [R, in], ``ladder_b_i`` [out, R] (laid out per device, see
-    ``_device_layout``) and ``ladder_bias_i`` (lora_B's bias or None), so ``.to()`` moves them
+    ``prefix_layout``) and ``ladder_bias_i`` (lora_B's bias or None), so ``.to()`` moves them
     with the model; an adapter without them does not adapt this layer. ``plan_source`` returns
     the plan of the forward in progress; with no plan the layer behaves like its base layer.
 
@@ -94,7 +82,7 @@ class ChunkwiseLinear(nn.Module):
         w = self.base_layer.weight
         assert isinstance(w, torch.Tensor)
         a = ladder.a.to(device=w.device, dtype=w.dtype)
-        b = _device_layout(ladder.b.to(device=w.device, dtype=w.dtype))
+        b = prefix_layout(ladder.b.to(device=w.device, dtype=w.dtype))
         bias = None if ladder.bias is None else ladder.bias.to(device=w.device, dtype=w.dtype)
         self.register_buffer(f"ladder_a_{adapter}", a, persistent=False)
         self.register_buffer(f"ladder_b_{adapter}", b, persistent=False)
@@ -107,7 +95,7 @@ class ChunkwiseLinear(nn.Module):
         out = super()._apply(fn, recurse)
         buffers = dict(self.named_buffers(recurse=False))
         for i, lad in self._lad.items():
-            b = _device_layout(buffers[f"ladder_b_{i}"])
+            b = prefix_layout(buffers[f"ladder_b_{i}"])
             self.register_buffer(f"ladder_b_{i}", b, persistent=False)
             self._lad[i] = _Factors(buffers[f"ladder_a_{i}"], b, buffers.get(f"ladder_bias_{i}"), lad.rank)
         self._factors = None
