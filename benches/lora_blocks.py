@@ -3,8 +3,9 @@ adapted modules (random r=64 factors, their real shapes) for 256 rows laid out i
 
     python -m benches.lora_blocks [--rounds 15]
 
-Each layout is a :class:`~chunkwise.nn.TokenPlan` of per-token ranks (runs shorter than
-``MIN_RUN`` join a neighbour, as in generation); its time is a ``ChunkwiseLinear`` forward
+Each layout is a :class:`~chunkwise.nn.TokenPlan` of per-token ranks cut into blocks by
+``rank_runs`` at a given block cost (``BLOCK_COST``, as in generation, or 0: a block per run);
+its time is a ``ChunkwiseLinear`` forward
 under the plan over all modules with the base layers stubbed out (only the LoRA path is
 timed), medians of interleaved rounds. Why issue 15's S1 prefill misses with the scheduler:
 each block is its own pair of BLAS calls (factors packed again, small row counts), so at equal
@@ -23,6 +24,7 @@ import torch
 from chunkwise.adapters.ladder import LadderModule
 from chunkwise.kernels import TokenArrays
 from chunkwise.nn import ChunkwiseLinear, TokenPlan
+from chunkwise.nn.token_plan import BLOCK_COST
 
 ROWS = 256
 #: (in, out) of each adapted linear of one SmolLM2-135M layer; 30 layers.
@@ -33,17 +35,22 @@ def _ranks(runs: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate([np.full(n, r, np.int32) for r, n in runs])
 
 
-#: name -> per-token ranks (rank, tokens) runs; the S1 row is the plan of issue 15's prompt.
-LAYOUTS: dict[str, np.ndarray] = {
-    "rank 32, 1 block": _ranks([(32, 256)]),
-    "rank 16, 1 block": _ranks([(16, 256)]),
-    "rank 64, 1 block": _ranks([(64, 256)]),
+S1 = [(64, 48), (8, 24), (32, 144), (4, 40)]  # the scheduler's plan of issue 15's S1 prompt
+
+#: name -> (per-token ranks as (rank, tokens) runs, the block cost ``rank_runs`` cuts them at).
+LAYOUTS: dict[str, tuple[np.ndarray, int]] = {
+    "rank 32, 1 block": (_ranks([(32, 256)]), BLOCK_COST),
+    "rank 16, 1 block": (_ranks([(16, 256)]), BLOCK_COST),
+    "rank 64, 1 block": (_ranks([(64, 256)]), BLOCK_COST),
     # mean rank 32 in blocks of ranks 24 / 40 (multiples of 8, like every rung: odd ranks hit
     # slower BLAS paths and would confound the per-block cost)
-    "mean rank 32, 2 blocks of 128": _ranks([(24, 128), (40, 128)]),
-    "mean rank 32, 4 blocks of 64": _ranks([(24, 64), (40, 64), (24, 64), (40, 64)]),
-    "S1 scheduler plan (3 blocks)": _ranks([(64, 48), (8, 24), (32, 144), (4, 40)]),
-    "S1 plan, best 2-block merge": _ranks([(64, 48), (32, 208)]),
+    "mean rank 32, 2 blocks of 128": (_ranks([(24, 128), (40, 128)]), 0),
+    "mean rank 32, 4 blocks of 64": (_ranks([(24, 64), (40, 64), (24, 64), (40, 64)]), 0),
+    "S1 plan, a block per run": (_ranks(S1), 0),
+    # what runs under 32 tokens joining a neighbour made of it (before the cost search)
+    "S1 plan, short runs merged": (_ranks([(64, 72), (32, 144), (4, 40)]), 0),
+    "S1 plan, cheapest (BLOCK_COST)": (_ranks(S1), BLOCK_COST),
+    "S1 plan, 1 block": (_ranks(S1), 10**9),
 }
 
 
@@ -59,10 +66,10 @@ class _NoBase(torch.nn.Linear):
         return self.out
 
 
-def _plan(ranks: np.ndarray) -> TokenPlan:
+def _plan(ranks: np.ndarray, block_cost: int) -> TokenPlan:
     ones = np.ones(ROWS, np.float32)
     tokens = TokenArrays(ranks, ranks, ones, ones, ones, np.zeros(ROWS, np.int32), np.arange(ROWS), ROWS)
-    return TokenPlan.build(tokens)
+    return TokenPlan.build(tokens, block_cost=block_cost)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         layers.append(layer)
     inputs = {i: torch.randn(ROWS, i, generator=g) for i in (576, 1536)}
-    plans = {name: _plan(r) for name, r in LAYOUTS.items()}
+    plans = {name: _plan(r, cost) for name, (r, cost) in LAYOUTS.items()}
 
     def run(plan: TokenPlan | None) -> float:
         current[0] = plan

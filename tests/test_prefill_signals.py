@@ -192,18 +192,28 @@ def test_prompt_perplexity_at_the_top_rung_is_pefts(tmp_path):
     assert abs(want - base_nll) > 1e-3 * abs(want)  # the adapter changes what is measured
 
 
+@pytest.mark.parametrize("adapted", [False, True])
 @pytest.mark.parametrize("score", [False, True])
-def test_generation_projects_the_vocabulary_only_where_it_is_read(score, projected):
-    """Unscored: the sampled columns of each chunk and the last one, like a stock generate;
-    scored: every column too, never more than a slice at once."""
+def test_generation_projects_the_vocabulary_only_where_it_is_read(score, adapted, projected, tmp_path):
+    """Unscored: the last column of each chunk, like a stock generate, and with a scheduler the
+    sampled columns of every chunk but the last (the next chunk's entropy prior: a plain model,
+    or the last chunk, has no use for them); scored: every column too, never more than a slice
+    at once."""
     model = tiny_model("llama", max_position_embeddings=256)
+    run = model
+    if adapted:
+        make_adapter(model, tmp_path / "a", r=8, target_modules=["q_proj", "v_proj"])
+        run = cw.inject(copy.deepcopy(model), cw.RankLadder.from_peft(tmp_path / "a"), all_top_scheduler(8))
+        model = run.model
     batch, seq, chunk, new = 2, 4 * SIGNAL_ROWS, 2 * SIGNAL_ROWS, 3
     ids, mask = ragged_prompt(batch=batch, seq=seq)
     own = _Rows(model.get_output_embeddings())
-    cw.generate(model, ids, mask, max_new_tokens=new, prefill_chunk=chunk, score_prompt=score)
+    cw.generate(run, ids, mask, max_new_tokens=new, prefill_chunk=chunk, score_prompt=score)
     own.close()
-    assert max(projected) <= SIGNAL_ROWS and max(own.rows) == batch
+    assert max(projected, default=0) <= SIGNAL_ROWS and max(own.rows) == batch
     pad = int((mask == 0).sum(-1).max())
     chunks = 1 + -(-(seq - pad - chunk) // chunk)  # the first one covers the padding too
+    assert chunks > 1
     assert sum(own.rows) == chunks * batch + (new - 1) * batch + batch  # logits_to_keep=1, decode, check
-    assert sum(projected) == chunks * batch * PRIOR_SAMPLES + (seq * batch if score else 0)
+    sampled = (chunks - 1) * batch * PRIOR_SAMPLES if adapted else 0
+    assert sum(projected) == sampled + (seq * batch if score else 0)

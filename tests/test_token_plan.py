@@ -8,6 +8,9 @@ special-cases is covered: one adapter over every row, consecutive rows (a span),
 
 from __future__ import annotations
 
+import itertools
+
+import chunkwise as cw
 import numpy as np
 import pytest
 import torch
@@ -163,10 +166,12 @@ def test_long_runs_of_one_rank_get_their_own_blocks_and_match_the_oracle():
     g_hi[40:44] = np.linspace(0.8, 0.2, 4)
     adapter = np.array([0] * 100 + [1] * 100, np.int32)
     tokens = TokenArrays(rank, lo, g_lo, g_hi, scale, adapter, np.arange(n), n)
-    plan = TokenPlan.build(tokens)
+    # at the default block cost 200 tokens are not worth a second block per adapter
+    assert [(b.adapter, b.span) for b in TokenPlan.build(tokens).blocks] == [(0, (0, 100)), (1, (100, 200))]
+    plan = TokenPlan.build(tokens, block_cost=100)
     spans = [(b.adapter, b.span, b.max_rank) for b in plan.blocks]
-    # the 3 tokens at rank 2 are too few for a block: they run with the rank-8 run before them
-    assert spans == [(0, (0, 43), 8), (0, (43, 100), 4), (1, (100, 200), 8)]
+    # the 3 tokens at rank 2 are not worth a block: they run with the cheaper (rank-4) neighbour
+    assert spans == [(0, (0, 40), 8), (0, (40, 100), 4), (1, (100, 200), 8)]
     x = torch.randn(n, IN, generator=torch.Generator().manual_seed(3))
     current["plan"] = plan
     with torch.no_grad():
@@ -175,18 +180,49 @@ def test_long_runs_of_one_rank_get_their_own_blocks_and_match_the_oracle():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(20))
-def testrank_runs_cover_everything_and_only_merge_short_runs(seed):
-    from chunkwise.nn.token_plan import MIN_RUN, rank_runs
+def _block_cost(rank: np.ndarray, runs: list[tuple[int, int]], block_cost: int) -> int:
+    peaks = [int(rank[lo:hi].max()) for lo, hi in runs]
+    return sum((block_cost if p > 0 else 0) + (hi - lo) * p for (lo, hi), p in zip(runs, peaks, strict=True))
+
+
+def _brute_force_cost(rank: np.ndarray, block_cost: int) -> int:
+    """The cheapest cover over every way of cutting at rank changes (2^(changes) of them)."""
+    cuts = (np.flatnonzero(rank[1:] != rank[:-1]) + 1).tolist()
+    best = None
+    for chosen in itertools.product((False, True), repeat=len(cuts)):
+        bounds = [0, *(c for c, keep in zip(cuts, chosen, strict=True) if keep), len(rank)]
+        runs = list(zip(bounds[:-1], bounds[1:], strict=True))
+        cost = _block_cost(rank, runs, block_cost)
+        best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rank_runs_is_the_cheapest_cover_brute_force(seed):
+    from chunkwise.nn.token_plan import rank_runs
 
     rng = np.random.default_rng(seed)
-    rank = np.repeat(rng.choice([0, 4, 8, 16], 12), rng.integers(1, 60, 12))
-    runs = rank_runs(rank)
+    n_runs = int(rng.integers(1, 11))
+    rank = np.repeat(rng.choice([0, 4, 8, 16, 32, 64], n_runs), rng.integers(1, 200, n_runs))
+    block_cost = int(rng.choice([0, 512, 4096, 20000]))
+    runs = rank_runs(rank, block_cost)
     assert runs[0][0] == 0 and runs[-1][1] == len(rank)
-    assert all(a[1] == b[0] for a, b in zip(runs[:-1], runs[1:], strict=False))
-    assert all(hi - lo >= MIN_RUN for lo, hi in runs[:-1])  # only the last may be short
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(runs[:-1], runs[1:], strict=False))
     for lo, _hi in runs:  # a boundary is only ever placed where the rank changes
         assert lo == 0 or rank[lo] != rank[lo - 1]
+    assert _block_cost(rank, runs, block_cost) == _brute_force_cost(rank, block_cost)
+
+
+def test_rank_runs_extremes():
+    from chunkwise.nn.token_plan import rank_runs
+
+    rank = np.repeat([64, 8, 32, 4], [48, 24, 144, 40])
+    assert rank_runs(rank, 0) == [(0, 48), (48, 72), (72, 216), (216, 256)]  # blocks are free
+    assert rank_runs(rank, 10**9) == [(0, 256)]  # blocks are dear: one at rank 64
+    assert rank_runs(np.zeros(0, np.int64)) == [(0, 0)]
+    with pytest.raises(cw.InputError, match="block_cost"):
+        rank_runs(rank, -1)
 
 
 def test_activations_of_another_dtype_than_the_factors_take_the_slow_path():

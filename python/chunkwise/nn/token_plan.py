@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..kernels import KernelSegments
     from ..schedule import Plan
 
-__all__ = ["MIN_RUN", "AdapterBlock", "DecodePlan", "TokenPlan", "rank_runs"]
+__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "TokenPlan", "rank_runs"]
 
 
 @dataclasses.dataclass
@@ -90,26 +90,51 @@ def _uniform(
     return None
 
 
-#: Shortest run of tokens that gets a block of its own when a block's rows are consecutive:
-#: shorter runs join a neighbour and run at the larger rank (a block costs a few small ops per
-#: module; below ~32 tokens they cost more than the rank they save on this CPU).
-MIN_RUN = 32
+#: What one more adapter block costs, in rank-tokens (one token at one rank through every
+#: adapted module): each block is its own pair of small BLAS calls per module, whose fixed cost
+#: (~150 us per module at 2 threads on the 2-core CPU, SmolLM2-135M: ``python -m
+#: benches.lora_blocks``) is what ~4-6k rank-tokens of LoRA work cost there.
+BLOCK_COST = 4096
+
+#: Runs of equal rank the block search looks back over: exact below it, and it keeps
+#: :func:`rank_runs` linear in the number of runs of a long prompt.
+RUN_WINDOW = 64
 
 
-def rank_runs(rank: np.ndarray, min_run: int = MIN_RUN) -> list[tuple[int, int]]:
-    """``[start, stop)`` runs of equal rank, runs shorter than ``min_run`` merged into a
-    neighbour (left to right), covering ``range(len(rank))``."""
-    if rank.size == 0:
+def rank_runs(rank: np.ndarray, block_cost: int = BLOCK_COST) -> list[tuple[int, int]]:
+    """``[start, stop)`` blocks covering ``range(len(rank))`` that minimise the LoRA path's cost
+    ``sum(block_cost + len(block) * max(rank[block]))`` (a block whose tokens are all at rank 0
+    costs nothing: the layer skips it).
+
+    Blocks are unions of consecutive runs of equal rank; a block runs at its largest rank, the
+    gates keep each token's own (the output does not depend on the blocks, only the time). A
+    dynamic programme over the runs, each block spanning at most :data:`RUN_WINDOW` of them.
+    """
+    if block_cost < 0:
+        raise InputError(f"block_cost: must be >= 0, got {block_cost}", "block_cost")
+    n = len(rank)
+    if n == 0:
         return [(0, 0)]
     cuts = np.flatnonzero(rank[1:] != rank[:-1]) + 1
-    bounds = [0, *cuts.tolist(), len(rank)]
+    ends = np.append(cuts, n)  # stop of run k
+    begins = np.concatenate([[0], ends])  # begins[k]: start of run k; begins[m] == n
+    run_rank = np.asarray(rank)[begins[:-1]].astype(np.int64)
+    m = len(run_rank)
+    best = np.zeros(m + 1)
+    first = np.zeros(m + 1, np.int64)  # first run of the last block of the best cover of runs [0, j)
+    for j in range(1, m + 1):
+        lo = max(0, j - RUN_WINDOW)
+        peak = np.maximum.accumulate(run_rank[lo:j][::-1])[::-1]  # max rank of runs [i, j)
+        cost = best[lo:j] + (begins[j] - begins[lo:j]) * peak + np.where(peak > 0, block_cost, 0)
+        k = int(np.argmin(cost))
+        best[j], first[j] = cost[k], lo + k
     runs: list[tuple[int, int]] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if runs and (runs[-1][1] - runs[-1][0] < min_run or hi - lo < min_run):
-            runs[-1] = (runs[-1][0], hi)
-        else:
-            runs.append((lo, hi))
-    return runs
+    j = m
+    while j > 0:
+        i = int(first[j])
+        runs.append((int(begins[i]), int(begins[j])))
+        j = i
+    return runs[::-1]
 
 
 def _token_pieces(
@@ -162,10 +187,16 @@ class TokenPlan:
 
     @classmethod
     def build(
-        cls, tokens: TokenArrays, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        tokens: TokenArrays,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_cost: int = BLOCK_COST,
     ) -> TokenPlan:
         """Builds the blocks. ``tokens.rows[i]`` is the row of planned token i in the flattened
-        forward input of ``tokens.n_rows`` rows (rows with no planned token get no adapter)."""
+        forward input of ``tokens.n_rows`` rows (rows with no planned token get no adapter);
+        consecutive rows of one adapter are cut into blocks by :func:`rank_runs` at
+        ``block_cost``."""
         token_rank, token_lo, gate_lo, gate_hi = tokens.rank, tokens.lo, tokens.gate_lo, tokens.gate_hi
         scale, token_adapter, rows, n_rows = tokens.scale, tokens.adapter, tokens.rows, tokens.n_rows
         full = len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))
@@ -175,9 +206,9 @@ class TokenPlan:
             mine = rows[sel]
             everyone = full and len(sel) == n_rows
             span = (0, n_rows) if everyone else _span(mine)
-            # consecutive rows: one block per run of similar rank (views, no wasted rank);
+            # consecutive rows: the cheapest blocks of runs of equal rank (views);
             # scattered rows: one gathered block
-            runs = rank_runs(token_rank[sel]) if span is not None else [(0, len(sel))]
+            runs = rank_runs(token_rank[sel], block_cost) if span is not None else [(0, len(sel))]
             for start, stop in runs:
                 idx = sel[start:stop]
                 whole = everyone and len(runs) == 1
