@@ -376,3 +376,47 @@ def test_cpu_layout_of_b_keeps_rank_prefixes_contiguous_and_exact():
             want = x.double() @ a.double()[:rank].T @ bb.double()[:, :rank].T
             tol = 1e-12 if moved else 1e-5
             assert float((got - want).norm() / want.norm()) < tol, (moved, rank)
+
+
+class _ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward (like a quantised linear): never bypassed."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["plain", "own_hook", "global_hook", "subclass", "forward_replaced"])
+def test_base_layer_is_called_as_a_module_whenever_that_could_run_more_than_f_linear(case):
+    """The layer calls a plain nn.Linear base through F.linear (its module call is ~8 us of a
+    decode step); any hook, subclass or replaced forward takes the module call, and either way
+    the output is the base layer's own plus the delta."""
+    g = torch.Generator().manual_seed(3)
+    in_f, out_f, r = 12, 10, 4
+    base = (_ScaledLinear if case == "subclass" else nn.Linear)(in_f, out_f)
+    seen: list[int] = []
+    handle = None
+    if case == "own_hook":
+        handle = base.register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    elif case == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: seen.append(out.shape[0]) if m is base else None
+        )
+    elif case == "forward_replaced":
+        plain = base.forward
+        base.forward = lambda x: seen.append(x.shape[0]) or plain(x)
+    a = torch.randn(r, in_f, generator=g)
+    bb = torch.randn(out_f, r, generator=g)
+    current: list[TokenPlan | None] = [TokenPlan.uniform(3, r, np.zeros(3, np.int32), "cpu", torch.float32)]
+    layer = ChunkwiseLinear(base, lambda: current[0])
+    layer.add_ladder(0, LadderModule(a, bb))
+    x = torch.randn(3, in_f, generator=g)
+    try:
+        with torch.no_grad():
+            got = layer(x)
+            n_seen = len(seen)
+            want = base(x) + x @ a.T @ bb.T
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert n_seen == (0 if case in ("plain", "subclass") else 1)
