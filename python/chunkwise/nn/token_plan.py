@@ -92,8 +92,9 @@ def _uniform(
 
 #: What one more adapter block costs, in rank-tokens (one token at one rank through every
 #: adapted module): each block is its own pair of small BLAS calls per module, whose fixed cost
-#: (~150 us per module at 2 threads on the 2-core CPU, SmolLM2-135M: ``python -m
-#: benches.lora_blocks``) is what ~4-6k rank-tokens of LoRA work cost there.
+#: (``python -m benches.lora_blocks``, SmolLM2-135M, 2 threads on the 2-core CPU) was what
+#: ~4-6k rank-tokens of LoRA work cost on the 2026-12-03 instance and ~2-3.7k on 2026-12-04's:
+#: 4096 sits in that range; ``TokenPlan.build(block_cost=)`` sets it per machine.
 BLOCK_COST = 4096
 
 #: Runs of equal rank the block search looks back over: exact below it, and it keeps
