@@ -13,8 +13,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.nn.modules import module as torch_module
 
 from .. import kernels
 from ..adapters.ladder import LadderModule, prefix_layout
@@ -22,39 +20,6 @@ from ..errors import StateError
 from .token_plan import AdapterBlock, TokenPlan
 
 __all__ = ["ChunkwiseLinear", "linear_shape"]
-
-#: torch's global module hooks (``nn.modules.module.register_module_forward_hook`` & co.); one
-#: that this torch does not have counts as set, so the base layer is then called as a module.
-_HOOKS_SET = [True]
-_FWD, _PRE, _BWD, _BPRE = (
-    getattr(torch_module, name, _HOOKS_SET)
-    for name in (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-)
-
-
-def _callable_directly(module: nn.Module) -> bool:
-    """True when calling ``module`` as a module would run nothing but ``F.linear``: a plain
-    ``nn.Linear`` (no subclass, e.g. a quantised one), no hook of its own or global, and no
-    ``forward`` replaced on the instance (accelerate's offload hooks do that)."""
-    return (
-        type(module) is nn.Linear
-        and not (
-            module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-            or _FWD
-            or _PRE
-            or _BWD
-            or _BPRE
-        )
-        and "forward" not in module.__dict__
-    )
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -148,12 +113,7 @@ class ChunkwiseLinear(nn.Module):
         return self._factors[1]
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        base = self._modules["base_layer"]
-        if args or kwargs or not _callable_directly(base):
-            y = base(x, *args, **kwargs)
-        else:  # what the module call would run, without its dispatch (~8 us of a decode step)
-            params = base._parameters
-            y = F.linear(x, params["weight"], params["bias"])
+        y = self.base_layer(x, *args, **kwargs)
         plan = self._plan_source()
         dtype = self._dtype
         if plan is None or dtype is None:
@@ -169,12 +129,8 @@ class ChunkwiseLinear(nn.Module):
         if x2.dtype == y2.dtype == dtype:
             if plan.segments is not None and kernels.use_cuda_kernels(x2):
                 self._cuda_delta(x2, y2, plan)
-                return y
-            lads = self._lad  # _deltas inlined: this loop runs per module and step
-            for block in plan.blocks:
-                lad = lads.get(block.adapter)
-                if lad is not None:
-                    _block_delta(x2, y2, block, lad)
+            else:
+                self._deltas(x2, y2, plan)
             return y
         # activations of another dtype (autocast): the delta in the factors' dtype, added once
         out = torch.zeros_like(y2, dtype=dtype)
@@ -188,7 +144,41 @@ class ChunkwiseLinear(nn.Module):
         for block in plan.blocks:
             lad = self._lad.get(block.adapter)
             if lad is not None:
-                _block_delta(x2, y2, block, lad)
+                self._block_delta(x2, y2, block, lad)
+
+    @staticmethod
+    def _block_delta(x2: torch.Tensor, y2: torch.Tensor, block: AdapterBlock, lad: _Factors) -> None:
+        """``y2[rows] += ((x2[rows] A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ (+ bias)`` for one adapter block."""
+        r = min(block.max_rank, lad.rank)
+        if block.span is not None:
+            xs, ys = x2[block.span[0] : block.span[1]], y2[block.span[0] : block.span[1]]
+        elif block.rows is None:
+            xs, ys = x2, y2
+        else:
+            xs, ys = x2.index_select(0, block.rows), None
+        if r > 0:
+            a_t, b_t = lad.prefix(r)
+            h = xs @ a_t
+            if block.gates is not None:
+                h.mul_(block.gates if block.gates.shape[1] == r else block.gates[:, :r])
+            if ys is not None:
+                ys.addmm_(h, b_t, alpha=block.scale)
+            else:
+                assert block.rows is not None
+                out = torch.mm(h, b_t)
+                if block.scale != 1.0:
+                    out.mul_(block.scale)
+                if lad.bias is not None:
+                    out.add_(lad.bias)
+                y2.index_add_(0, block.rows, out)
+                return
+        if lad.bias is None:
+            return
+        if ys is not None:
+            ys.add_(lad.bias)
+        else:
+            assert block.rows is not None
+            y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))
 
     def _cuda_delta(self, x2: torch.Tensor, y2: torch.Tensor, plan: TokenPlan) -> None:
         """The fused kernels: every adapter block at once, then the lora_B biases."""
@@ -203,40 +193,3 @@ class ChunkwiseLinear(nn.Module):
                 y2.add_(lad.bias)
             else:
                 y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))
-
-
-def _block_delta(x2: torch.Tensor, y2: torch.Tensor, block: AdapterBlock, lad: _Factors) -> None:
-    """``y2[rows] += ((x2[rows] A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ (+ bias)`` for one adapter block."""
-    r = min(block.max_rank, lad.rank)
-    if block.span is not None:
-        xs, ys = x2[block.span[0] : block.span[1]], y2[block.span[0] : block.span[1]]
-    elif block.rows is None:
-        xs, ys = x2, y2
-    else:
-        xs, ys = x2.index_select(0, block.rows), None
-    if r > 0:
-        a_t, b_t = lad.prefix(r)
-        h = xs @ a_t
-        if block.gates is not None:
-            h.mul_(block.gates if block.gates.shape[1] == r else block.gates[:, :r])
-        if ys is not None:
-            if block.scale == 1.0:  # a Python-float alpha costs ~2.5 us of a decode step
-                ys.addmm_(h, b_t)
-            else:
-                ys.addmm_(h, b_t, alpha=block.scale)
-        else:
-            assert block.rows is not None
-            out = torch.mm(h, b_t)
-            if block.scale != 1.0:
-                out.mul_(block.scale)
-            if lad.bias is not None:
-                out.add_(lad.bias)
-            y2.index_add_(0, block.rows, out)
-            return
-    if lad.bias is None:
-        return
-    if ys is not None:
-        ys.add_(lad.bias)
-    else:
-        assert block.rows is not None
-        y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))
