@@ -9,7 +9,7 @@ and the Spearman correlation of each signal with the oracle gain. The adapter is
 if ``--adapter`` does not hold it (``scripts/train_qa_adapter.py``, same seed and split).
 
 Writes ``--out`` (JSON: the ``"qa"`` section of docs/results.json plus its provenance);
-``scripts/results.py`` reads it.
+``scripts/results.py`` reads it. The LM adapter's perplexity curves are ``scripts/ppl_curves.py``.
 
 Example (about 90 minutes on 2 cores in bfloat16)::
 
@@ -44,13 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", type=ints, default=(4, 8, 16, 32), help="mean-rank budgets (rungs)")
     p.add_argument("--gen-budgets", type=ints, default=(8, 16), help="budgets with EM / F1")
     p.add_argument("--gen-signals", default="mix,energy", help="adaptive signals generated with")
-    p.add_argument(
-        "--lm-adapter",
-        type=Path,
-        default=None,
-        help="also the perplexity curves of this LM adapter (scripts/train_adapter.py) on held-out Wikipedia",
-    )
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out Wikipedia tokens scored")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="model and ladder dtype")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher-forced forward")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="must match the adapter's split")
@@ -138,38 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     t_gen = time.perf_counter() - t0
     log(f"EM / F1 curves: {t_gen:.0f} s")
 
-    lm_out = None
-    if args.lm_adapter is not None:
-        from chunkwise.assets.corpora import split_by_article, wikipedia_articles
-        from chunkwise.eval.curves import window_items
-
-        cwm.unload()
-        lm_ladder = cw.RankLadder.from_peft(args.lm_adapter)
-        lm = cw.inject(model, lm_ladder, cw.Scheduler(config))
-        _, held_wiki = split_by_article(
-            wikipedia_articles("en", cache_dir=args.cache_dir), "title", 0.2, seed=0
-        )
-        text_ids = tokenizer("\n\n".join(a.text for a in held_wiki)).input_ids[: args.ppl_tokens + 256]
-        windows = window_items(text_ids, 512, 256)
-        t0 = time.perf_counter()
-        with tqdm(total=len(windows), desc="perplexity", unit="win", disable=args.no_progress) as bar:
-            lm_data = answer_curves(
-                lm, windows, config, args.budgets, counts, args.batch_size, pad, args.seed, bar.update
-            )
-        lm_out = summarize(lm_data)
-        lm_out["setup"] = {
-            "adapter": str(args.lm_adapter),
-            "tokens_scored": 256 * len(windows),
-            "windows": "512 tokens, the last 256 scored",
-            "ladder_energy": {str(r): lm_ladder.energy(r) for r in config.rungs},
-            "seconds": time.perf_counter() - t0,
-        }
-        for r in lm_out["rows"]:
-            r["ppl"] = float(np.exp(r["answer_nll"]))
-
     out = summarize(data)
-    if lm_out is not None:
-        out["ppl_curves"] = lm_out
     out["setup"] = {
         "adapter": str(args.adapter),
         "adapter_training": {

@@ -3,18 +3,21 @@
 data, every number measured on this machine.
 
     python scripts/train_adapter.py --out adapters/smollm2-wiki-r64     # once (~20-30 min, CPU)
-    python -m benches.kv_cpu --json kv.json                           # KV policies (~10 min)
+    python -m benches.kv_cpu --json docs/kv_policies_8k.json          # KV policies (~10 min)
+    python scripts/ppl_curves.py --out docs/ppl_curves.json           # the LM adapter's curves
     python scripts/qa_curves.py --out docs/qa_curves.json             # QA curves (trains the QA LoRA)
-    python scripts/results.py --adapter adapters/smollm2-wiki-r64 --kv-json kv.json
+    python scripts/results.py --adapter adapters/smollm2-wiki-r64
 
 ``--only-qa`` rewrites just the QA section of an existing results.md (between its markers) and
 the ``"qa"`` key of results.json from ``--qa-json``, leaving the other sections as they were;
+``--only-ppl`` does the same for the perplexity curves (``"ppl"``, from ``--ppl-json``);
 ``--only-kv`` does the same for the section of kvpress vs chunkwise and the int8 rows (from
-``docs/kv_peers.json`` and ``docs/kv_int8_8k.json``).
+``docs/kv_peers.json`` and ``docs/kv_int8_8k.json``; the ``"kv"`` key also holds the policy
+rows of ``--kv-json``).
 
-Tables: perplexity on held-out Wikipedia (the adapter's own eval split) and SQuAD v1.1 EM/F1 for
-base, full-rank LoRA, and at several mean-rank budgets chunkwise adaptive next to uniform
-truncation to the same mean rank; prefill latency and memory vs base / merged / PEFT; the
+Tables: the LM adapter's perplexity curves on held-out Wikipedia (its own eval split) and SQuAD
+v1.1 EM/F1 for base, full-rank LoRA, and at several mean-rank budgets chunkwise adaptive next to
+uniform truncation to the same mean rank; prefill latency and memory vs base / merged / PEFT; the
 rung histogram; KV-cache policies; an ablation of where the savings come from.
 """
 
@@ -35,10 +38,11 @@ import torch
 from chunkwise.assets.corpora import split_by_article, squad_examples, wikipedia_articles
 from chunkwise.assets.smollm2 import load_smollm2
 from chunkwise.eval.benchmarking import measure, peak_memory_mb, prefill_variants
-from chunkwise.eval.evaluation import perplexity, squad
+from chunkwise.eval.evaluation import squad
 from chunkwise.eval.plotting import plot_bars, plot_curves, plot_plan
 
 QA_START, QA_END = "<!-- qa:start (scripts/results.py --only-qa) -->", "<!-- qa:end -->"
+PPL_START, PPL_END = "<!-- ppl:start (scripts/results.py --only-ppl) -->", "<!-- ppl:end -->"
 KV_START, KV_END = "<!-- kv-peers:start (scripts/results.py --only-kv) -->", "<!-- kv-peers:end -->"
 
 
@@ -59,6 +63,43 @@ def _ci(ci: list[float] | None, digits: int = 1) -> str:
 def _closure(u: float, a: float, o: float) -> float | None:
     """Share of the uniform-to-oracle gap that ``a`` closes (None when the oracle is no better)."""
     return (u - a) / (u - o) if u - o > 1e-9 else None
+
+
+def _nll_diff(p: dict | None) -> str:
+    return "" if p is None else f"{p['nll_diff']:+.4f}{_ci(p['nll_diff_ci95'], 4)}"
+
+
+def budget_verdict(rows: list[dict], paired: dict, b: int, what: str) -> str:
+    """One line on budget ``b`` of a set of curves (rows and paired differences of
+    ``chunkwise.eval.curves.summarize``): does the best signal, or the default mix, beat uniform
+    on the teacher-forced NLL, and how much of the oracle's headroom does each close."""
+    key = {(r["mode"], r["signal"], r["budget"]): r for r in rows}
+    u, oracle, mix = key[("uniform", None, b)], key[("oracle", None, b)], key[("adaptive", "mix", b)]
+    best = min(
+        (x for x in rows if x["budget"] == b and x["mode"] == "adaptive"), key=lambda x: x["answer_nll"]
+    )
+    pb, pm = paired[("adaptive", best["signal"], b)], paired[("adaptive", "mix", b)]
+    win = pb["nll_diff_ci95"][1] < 0
+    close = _closure(u["answer_nll"], best["answer_nll"], oracle["answer_nll"])
+    close_mix = _closure(u["answer_nll"], mix["answer_nll"], oracle["answer_nll"])
+    line = (
+        f"- **budget {b}**: the best signal ({best['signal']}) "
+        + ("beats" if win else "does not beat")
+        + f" uniform rank {b} on {what} ({pb['nll_diff']:+.4f}, CI{_ci(pb['nll_diff_ci95'], 4)}); "
+        f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. "
+    )
+    if close is None and close_mix is None:
+        return line + (
+            f"The oracle does not beat uniform ({oracle['answer_nll'] - u['answer_nll']:+.4f}): crediting "
+            "each position with its own token's loss misses what earlier ranks do to later tokens."
+        )
+    return (
+        line
+        + f"The oracle's headroom over uniform is {u['answer_nll'] - oracle['answer_nll']:.4f} nats"
+        + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
+        + ("" if close is None else f", the best signal {100 * close:.0f} %")
+        + "."
+    )
 
 
 def qa_markdown(qa: dict, figs: Path) -> list[str]:
@@ -97,36 +138,12 @@ def qa_markdown(qa: dict, figs: Path) -> list[str]:
     ]
     statements = []
     for b in qa["budgets"]:
-        u = key[("uniform", None, b)]
         for r in [x for x in rows if x["budget"] == b]:
             p = paired.get((r["mode"], r["signal"], b))
-            diff = "" if p is None else f"{p['nll_diff']:+.4f}{_ci(p['nll_diff_ci95'], 4)}"
             em = _pct(r["em"]) + ("" if p is None or "em_diff" not in p else f" ({p['em_diff']:+.1f})")
             cells = [str(b), r["mode"], r["signal"] or "", f"{r['mean_rank']:.1f}", f"{r['answer_nll']:.4f}"]
-            table_rows.append([*cells, diff, em, _pct(r["f1"])])
-        adaptive = [x for x in rows if x["budget"] == b and x["mode"] == "adaptive"]
-        best = min(adaptive, key=lambda x: x["answer_nll"])
-        oracle = key[("oracle", None, b)]
-        pb, pm = paired[("adaptive", best["signal"], b)], paired[("adaptive", "mix", b)]
-        mix = key[("adaptive", "mix", b)]
-        win = pb["nll_diff_ci95"][1] < 0
-        close = _closure(u["answer_nll"], best["answer_nll"], oracle["answer_nll"])
-        close_mix = _closure(u["answer_nll"], mix["answer_nll"], oracle["answer_nll"])
-        statements.append(
-            f"- **budget {b}**: the best signal ({best['signal']}) "
-            + ("beats" if win else "does not beat")
-            + f" uniform rank {b} on answer NLL ({pb['nll_diff']:+.4f}, CI{_ci(pb['nll_diff_ci95'], 4)}); "
-            f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. "
-            + (
-                f"The oracle's headroom over uniform is {u['answer_nll'] - oracle['answer_nll']:.4f} nats"
-                + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
-                + ("" if close is None else f", the best signal {100 * close:.0f} %")
-                + "."
-                if close is not None or close_mix is not None
-                else f"The oracle does not beat uniform ({oracle['answer_nll'] - u['answer_nll']:+.4f}): "
-                "crediting each position with its own token's loss misses what prompt ranks do to the answer."
-            )
-        )
+            table_rows.append([*cells, _nll_diff(p), em, _pct(r["f1"])])
+        statements.append(budget_verdict(rows, paired, b, "answer NLL"))
     gain = full["em"] - base["em"] if full["em"] is not None and base["em"] is not None else None
     if gain is not None:
         statements.append(
@@ -165,43 +182,84 @@ def qa_markdown(qa: dict, figs: Path) -> list[str]:
         table(["budget", *sig_names], sp_rows),
         "",
     ]
-    if qa.get("ppl_curves"):
-        md += ppl_curve_markdown(qa["ppl_curves"])
     return md
 
 
-def ppl_curve_markdown(pc: dict) -> list[str]:
-    """The perplexity curves of the LM adapter (same modes, NLL per scored token)."""
-    key = {(r["mode"], r["signal"], r["budget"]): r for r in pc["rows"]}
+def ppl_markdown(pc: dict, figs: Path) -> list[str]:
+    """The perplexity section of results.md from scripts/ppl_curves.py: the LM adapter's curves
+    (the modes of the QA curves; NLL per scored token, intervals over windows)."""
+    rows, setup = pc["rows"], pc["setup"]
+    key = {(r["mode"], r["signal"], r["budget"]): r for r in rows}
     paired = {(p["a"], p["signal"], p["budget"]): p for p in pc["paired"]}
     base, full = key[("base", None, None)], key[("full", None, None)]
-    rows = [
-        ["—", "base", "", "0", f"{base['ppl']:.3f}", ""],
-        ["—", "full", "", "64", f"{full['ppl']:.3f}", ""],
+    plot_curves(rows, figs / "ppl_curves.png", "Wikipedia LM adapter on held-out articles")
+    gain = base["answer_nll"] - full["answer_nll"]
+    table_rows = [
+        ["—", "base", "", "0", "—", f"{base['ppl']:.3f}", "", ""],
+        ["—", "full", "", "64", "—", f"{full['ppl']:.3f}", "", ""],
     ]
-    for r in pc["rows"]:
+    for r in rows:
         if r["budget"] is None:
             continue
-        p = paired.get((r["mode"], r["signal"], r["budget"]))
-        diff = "" if p is None else f"{p['nll_diff']:+.4f}{_ci(p['nll_diff_ci95'], 4)}"
-        rows.append(
-            [str(r["budget"]), r["mode"], r["signal"] or "", f"{r['mean_rank']:.1f}", f"{r['ppl']:.3f}", diff]
-        )
-    setup = pc["setup"]
+        kept = 100 * (base["answer_nll"] - r["answer_nll"]) / gain if gain > 0 else float("nan")
+        cells = [
+            str(r["budget"]),
+            r["mode"],
+            r["signal"] or "",
+            f"{r['mean_rank']:.1f}",
+            f"{r['rank_sd']:.1f}",
+        ]
+        cells += [
+            f"{r['ppl']:.3f}",
+            f"{kept:.1f} %",
+            _nll_diff(paired.get((r["mode"], r["signal"], r["budget"]))),
+        ]
+        table_rows.append(cells)
+    train = setup["adapter_training"]
+    energy = setup["ladder_energy"]
+    head = ["budget", "mode", "signal", "mean rank", "rank s.d.", "ppl", "gain kept"]
+    head += ["Δ NLL vs uniform [95 % CI over windows]"]
+    spear = ", ".join(
+        f"{r['signal']} {r['spearman_all']:+.2f}" for r in pc["spearman"] if r["budget"] == pc["budgets"][1]
+    )
     return [
-        f"### Perplexity curves of the LM adapter (`{setup['adapter']}`, {setup['tokens_scored']} held-out "
-        f"Wikipedia tokens, {setup['windows']})",
+        "## Perplexity curves of the Wikipedia LM adapter (issue 11)",
         "",
-        table(
-            ["budget", "mode", "signal", "mean rank", "ppl", "Δ NLL vs uniform [95 % CI over windows]"], rows
-        ),
+        f"- adapter: `{setup['adapter']}`, LoRA r={train['args']['rank']} on every linear layer, trained by "
+        f"`scripts/train_adapter.py` ({train['args']['steps']} steps; held-out ppl "
+        f"{train['perplexity_before']['ppl']:.2f} → {train['perplexity_after']['ppl']:.2f} "
+        "in its own evaluation)",
+        f"- {setup['tokens_scored']} held-out Wikipedia tokens of the adapter's split, {setup['windows']}; "
+        f"model and ladder in {setup['dtype']}; rarity counts from {setup['rarity_counts']}; "
+        "`python scripts/ppl_curves.py`",
+        "- ladder energy kept per rung: "
+        + ", ".join(f"r{r}: {100 * e:.0f} %" for r, e in energy.items() if r != "0"),
+        "- *rank s.d.*: the standard deviation of the rank over a window's tokens (0: the plan gave every "
+        "token one rank, i.e. it is uniform truncation)",
+        "",
+        "![perplexity curves](figures/ppl_curves.png)",
+        "",
+        table(head, table_rows),
+        "",
+        "**What the curves say.**",
+        "",
+        *(budget_verdict(rows, paired, b, "NLL per token") for b in pc["budgets"]),
+        f"- Spearman of each signal with the oracle gain at budget {pc['budgets'][1]} "
+        f"(all positions): {spear}.",
         "",
     ]
 
 
-def rewrite_section(out: Path, markers: tuple[str, str], lines: list[str], updates: dict[str, Any]) -> None:
-    """Replaces the section between ``markers`` in ``out`` (appended when missing) and sets
-    ``updates`` in the results JSON beside it; the rest of both files is kept."""
+def rewrite_section(
+    out: Path,
+    markers: tuple[str, str],
+    lines: list[str],
+    updates: dict[str, Any],
+    stale: tuple[str, ...] = (),
+) -> None:
+    """Replaces the section between ``markers`` in ``out`` (appended when missing), sets
+    ``updates`` in the results JSON beside it and drops its keys ``stale`` (an older layout's);
+    the rest of both files is kept."""
     start, end = markers
     section = "\n".join([start, *lines, end])
     text = out.read_text() if out.exists() else "# Results\n"
@@ -214,8 +272,18 @@ def rewrite_section(out: Path, markers: tuple[str, str], lines: list[str], updat
     out_json = out.with_suffix(".json")
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results.update(updates)
+    for k in stale:
+        results.pop(k, None)
     out_json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {', '.join(updates)} into {out} and {out_json}", file=sys.stderr)
+
+
+def only_ppl(args: argparse.Namespace) -> None:
+    """Rewrites the perplexity section of results.md and the "ppl" key of results.json."""
+    pc = json.loads(args.ppl_json.read_text())
+    figs = args.out.parent / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    rewrite_section(args.out, (PPL_START, PPL_END), ppl_markdown(pc, figs), {"ppl": pc})
 
 
 def only_qa(args: argparse.Namespace) -> None:
@@ -312,17 +380,46 @@ def only_kv(args: argparse.Namespace) -> None:
     """Rewrites the KV peers / int8 section of results.md and its keys of results.json."""
     peers = json.loads(args.kv_peers_json.read_text())
     int8 = json.loads(args.kv_int8_json.read_text())
-    updates = {"kv_peers": peers["table"], "kv_int8": int8["rows"]}
-    rewrite_section(args.out, (KV_START, KV_END), kv_markdown(peers, int8), updates)
+    rewrite_section(
+        args.out,
+        (KV_START, KV_END),
+        kv_markdown(peers, int8),
+        {"kv": kv_results(args)},
+        ("kv_peers", "kv_int8"),
+    )
+
+
+def kv_results(args: argparse.Namespace) -> dict[str, Any]:
+    """The "kv" key of results.json: the policy rows of benches.kv_cpu, the kvpress table of
+    benches.kv_peers and the int8 rows, each from its own JSON (None where it is missing)."""
+
+    def read(path: Path | None) -> Any:
+        return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+    peers, int8 = read(args.kv_peers_json), read(args.kv_int8_json)
+    return {
+        "policies": read(args.kv_json),
+        "peers": None if peers is None else peers["table"],
+        "int8": None if int8 is None else int8["rows"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, help="trained PEFT adapter folder (the LM adapter)")
     ap.add_argument("--budgets", default="16,32,48", help="target mean ranks (default: 16,32,48)")
-    ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens for the prefill and plan")
+    ap.add_argument(
+        "--ppl-json", type=Path, default=Path("docs/ppl_curves.json"), help="scripts/ppl_curves.py"
+    )
+    ap.add_argument("--only-ppl", action="store_true", help="rewrite only the perplexity section and 'ppl'")
     ap.add_argument("--questions", type=int, default=40, help="SQuAD questions per mode (default: 40)")
-    ap.add_argument("--kv-json", type=Path, help="rows written by python -m benches.kv_cpu --json")
+    ap.add_argument(
+        "--kv-json",
+        type=Path,
+        default=Path("docs/kv_policies_8k.json"),
+        help="python -m benches.kv_cpu --json",
+    )
     ap.add_argument("--qa-json", type=Path, default=Path("docs/qa_curves.json"), help="scripts/qa_curves.py")
     ap.add_argument("--only-qa", action="store_true", help="rewrite only the QA section and the 'qa' key")
     ap.add_argument(
@@ -342,11 +439,14 @@ def main() -> None:
     if args.only_qa:
         only_qa(args)
         return
+    if args.only_ppl:
+        only_ppl(args)
+        return
     if args.only_kv:
         only_kv(args)
         return
     if args.adapter is None:
-        ap.error("--adapter is required (except with --only-qa)")
+        ap.error("--adapter is required (except with --only-qa / --only-ppl / --only-kv)")
     figs = args.out.parent / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -373,7 +473,8 @@ def main() -> None:
         "",
         f"Generated by `scripts/results.py` on {time.strftime('%Y-%m-%d')}, "
         f"{platform.machine()} with {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; every number below comes from that one run.",
+        f"{torch.get_num_threads()} threads; every number below comes from that one run, except the "
+        "sections between `<!-- ... -->` markers, which name their own script and run.",
         "",
     ]
     md += [
@@ -391,49 +492,11 @@ def main() -> None:
         "",
     ]
 
-    # -- perplexity ------------------------------------------------------------------------
-    print("perplexity ...", file=sys.stderr)
-    ppl_rows = []
-    ppl_data: list[dict] = []
-    base_r = perplexity(cwm, ids, "base", progress=False)
-    full_r = perplexity(cwm, ids, "full", progress=False)
-    ppl_rows.append(["base (no adapter)", "0", f"{base_r.ppl:.3f}", "—"])
-    ppl_rows.append([f"full LoRA (r={top})", f"{full_r.mean_rank:.1f}", f"{full_r.ppl:.3f}", "—"])
+    # -- perplexity curves (scripts/ppl_curves.py) -------------------------------------------
     budgets = [float(b) for b in args.budgets.split(",")]
-    wins = 0
-    for b in budgets:
-        ad = perplexity(cwm, ids, "adaptive", rank=b, progress=False)
-        un = perplexity(cwm, ids, "uniform", rank=max(1, round(ad.mean_rank)), progress=False)
-        wins += ad.ppl < un.ppl
-        ppl_data += [
-            {"mode": "adaptive", "budget": b, "mean_rank": ad.mean_rank, "ppl": ad.ppl},
-            {"mode": "uniform", "budget": b, "mean_rank": un.mean_rank, "ppl": un.ppl},
-        ]
-        gap = lambda r: (r.ppl - full_r.ppl) / max(1e-9, base_r.ppl - full_r.ppl)  # noqa: E731
-        ppl_rows.append(
-            [
-                f"chunkwise adaptive, target {b:g}",
-                f"{ad.mean_rank:.1f}",
-                f"{ad.ppl:.3f}",
-                f"{100 * (1 - gap(ad)):.1f} %",
-            ]
-        )
-        ppl_rows.append(
-            [
-                f"uniform rank {round(ad.mean_rank)}",
-                f"{un.mean_rank:.1f}",
-                f"{un.ppl:.3f}",
-                f"{100 * (1 - gap(un)):.1f} %",
-            ]
-        )
-    md += [
-        "## Perplexity (held-out Wikipedia)",
-        "",
-        table(["mode", "mean rank", "ppl", "share of the adapter's gain kept"], ppl_rows),
-        "",
-        f"Adaptive beat uniform truncation at equal mean rank in {wins} of {len(budgets)} budgets.",
-        "",
-    ]
+    pc = json.loads(args.ppl_json.read_text()) if args.ppl_json.exists() else None
+    if pc is not None:
+        md += [PPL_START, *ppl_markdown(pc, figs), PPL_END, ""]
 
     # -- rung histogram ----------------------------------------------------------------------
     window = ids[:512][None]
@@ -575,15 +638,7 @@ def main() -> None:
     if qa is not None:
         md += [QA_START, *qa_markdown(qa, figs), QA_END, ""]
     args.out.write_text("\n".join(md))
-    ppl_data = [
-        {"mode": "base", "budget": None, "mean_rank": 0.0, "ppl": base_r.ppl},
-        {"mode": "full", "budget": None, "mean_rank": full_r.mean_rank, "ppl": full_r.ppl},
-        *ppl_data,
-    ]
-    kv_data = (
-        json.loads(args.kv_json.read_text()) if args.kv_json is not None and args.kv_json.exists() else None
-    )
-    results = {"qa": qa, "ppl": {"tokens": len(ids), "rows": ppl_data}, "kv": kv_data}
+    results = {"qa": qa, "ppl": pc, "kv": kv_results(args)}
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
 

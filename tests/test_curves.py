@@ -155,6 +155,10 @@ def test_answer_curves_invariants(setup):
     # at the top budget everything runs at the top rank
     for s in (*SIGNALS, MIX):
         np.testing.assert_allclose(data.answer_nll[("adaptive", s, 8)], full, rtol=1e-5)
+        assert (data.rank_sd[("adaptive", s, 8)] == 0).all()  # one rank for every token
+    assert (data.rank_sd[("uniform", "", 2)] == 0).all()
+    # the random control spreads the same chunks over rungs: its ranks vary within a question
+    assert (data.rank_sd[("random", "", 4)] > 0).any()
     # (the oracle is not: at the top budget it still picks, per chunk, the rung whose answer
     # NLL is lowest, and a random adapter's lower rungs are sometimes better)
     for rho in data.spearman.values():
@@ -163,6 +167,8 @@ def test_answer_curves_invariants(setup):
     assert out["questions"] == len(items)
     keys = {(r["mode"], r["signal"], r["budget"]) for r in out["rows"]}
     assert ("oracle", None, 4) in keys and ("adaptive", "energy", 2) in keys
+    row = next(r for r in out["rows"] if (r["mode"], r["budget"]) == ("random", 4))
+    assert row["rank_sd"] == pytest.approx(np.mean(data.rank_sd[("random", "", 4)]))
     pair = next(p for p in out["paired"] if p["a"] == "oracle" and p["budget"] == 2)
     d = np.mean(data.answer_nll[("oracle", "", 2)] - data.answer_nll[("uniform", "", 2)])
     assert pair["nll_diff"] == pytest.approx(d)

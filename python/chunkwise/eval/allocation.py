@@ -122,7 +122,8 @@ def _fill(choice: np.ndarray, util: np.ndarray, cost_of: np.ndarray, spare: floa
         ok = (up > choice) & (d_util > 0) & (d_cost <= spare + 1e-9)
         if not ok.any():
             return
-        c = int(np.flatnonzero(ok)[np.argmax((d_util / d_cost)[ok])])
+        idx = np.flatnonzero(ok)  # chunks already on the top rung (d_cost 0) are never ok
+        c = int(idx[np.argmax(d_util[idx] / d_cost[idx])])
         choice[c] += 1
         spare -= float(d_cost[c])
 

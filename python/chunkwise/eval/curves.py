@@ -194,6 +194,9 @@ class CurveData:
     em: dict[tuple[str, str, int], np.ndarray] = dataclasses.field(default_factory=dict)
     f1: dict[tuple[str, str, int], np.ndarray] = dataclasses.field(default_factory=dict)
     gen_mean_rank: dict[tuple[str, str, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    #: the answer-NLL keys -> per-question standard deviation of the rank over its tokens: 0
+    #: when a plan gives every token one rank (a scheduler that degenerates to uniform)
+    rank_sd: dict[tuple[str, str, int], np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -246,9 +249,12 @@ def answer_curves(
         (s, b): ([], [], [], []) for s in (*SIGNALS, MIX) for b in budgets
     }
 
-    def put(key: tuple[str, str, int], i: int, value: float, rank: float) -> None:
+    spread: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def put(key: tuple[str, str, int], i: int, value: float, rank: float, sd: float = 0.0) -> None:
         nll.setdefault(key, np.full(n, np.nan))[i] = value
         mean.setdefault(key, np.full(n, np.nan))[i] = rank
+        spread.setdefault(key, np.full(n, np.nan))[i] = sd
 
     for batch in _batches(items, batch_size):
         seqs = [items[i].ids for i in batch]
@@ -287,7 +293,8 @@ def answer_curves(
             for (mode, s), ps in plans.items():
                 per = token_nll(cwm, seqs, plans=ps, pad=pad)
                 for k, i in enumerate(batch):
-                    put((mode, s, b), i, float(per[k][items[i].answer_positions].mean()), _mean_rank(ps[k]))
+                    answer_nll = float(per[k][items[i].answer_positions].mean())
+                    put((mode, s, b), i, answer_nll, _mean_rank(ps[k]), float(np.std(ps[k].token_rank)))
         if progress is not None:
             progress(len(batch))
     rho = {
@@ -297,7 +304,7 @@ def answer_curves(
         )
         for key, v in pooled.items()
     }
-    return CurveData(rungs, tuple(budgets), nll, mean, rho)
+    return CurveData(rungs, tuple(budgets), nll, mean, rho, rank_sd=spread)
 
 
 def generation_curves(
@@ -371,6 +378,7 @@ def summarize(data: CurveData) -> dict[str, Any]:
             "signal": signal or None,
             "budget": budget or None,
             "mean_rank": float(np.mean(data.mean_rank[key])) if key in data.mean_rank else None,
+            "rank_sd": float(np.mean(data.rank_sd[key])) if key in data.rank_sd else None,
             "answer_nll": float(np.mean(data.answer_nll[key])) if key in data.answer_nll else None,
             "answer_nll_ci95": _ci(data.answer_nll[key]) if key in data.answer_nll else None,
             "em": None,

@@ -72,11 +72,18 @@ def plot_bars(results: dict[str, dict], title: str, path: Path) -> Path:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Rank-quality curves from the ``"qa"`` rows of docs/results.json: answer NLL (left) and
-    EM (right, where generated) against the mean rank, one line per mode / signal, the base
-    and full adapter as horizontal references, 95 % intervals as error bars."""
+    EM (right, where generated; no panel when nothing was) against the mean rank, one line per
+    mode / signal, the base and full adapter as horizontal references, 95 % intervals as error
+    bars."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    panels = ((axes[0], "answer_nll", "answer NLL (nats / token)"), (axes[1], "em", "EM (%)"))
+    generated = any(r.get("em") is not None for r in rows)
+    fig, axes = plt.subplots(
+        1, 2 if generated else 1, figsize=(10 if generated else 6, 3.8), dpi=120, squeeze=False
+    )
+    axes = axes[0]
+    panels = [(axes[0], "answer_nll", "answer NLL (nats / token)")]
+    if generated:
+        panels.append((axes[1], "em", "EM (%)"))
     for ax, metric, label in panels:
         series: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
