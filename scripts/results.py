@@ -88,14 +88,20 @@ def budget_verdict(rows: list[dict], paired: dict, b: int, what: str) -> str:
         + f" uniform rank {b} on {what} ({pb['nll_diff']:+.4f}, CI{_ci(pb['nll_diff_ci95'], 4)}); "
         f"the default mix {pm['nll_diff']:+.4f}{_ci(pm['nll_diff_ci95'], 4)}. "
     )
-    if close is None and close_mix is None:
+    po = paired.get(("oracle", None, b))
+    headroom = u["answer_nll"] - oracle["answer_nll"]
+    if po is None or po["nll_diff_ci95"][1] >= 0:
+        # No headroom the paired interval supports: a closure share would divide by noise.
+        diff = f"{-headroom:+.4f}" if po is None else _nll_diff(po)
         return line + (
-            f"The oracle does not beat uniform ({oracle['answer_nll'] - u['answer_nll']:+.4f}): crediting "
-            "each position with its own token's loss misses what earlier ranks do to later tokens."
+            f"The oracle does not beat uniform ({diff}), so there is no headroom to close: "
+            "crediting each position with its own token's loss misses what earlier ranks do to "
+            "later tokens."
         )
     return (
         line
-        + f"The oracle's headroom over uniform is {u['answer_nll'] - oracle['answer_nll']:.4f} nats"
+        + f"The oracle's headroom over uniform is {headroom:.4f} nats"
+        + _ci([-po["nll_diff_ci95"][1], -po["nll_diff_ci95"][0]], 4)
         + ("" if close_mix is None else f"; the mix closes {100 * close_mix:.0f} % of it")
         + ("" if close is None else f", the best signal {100 * close:.0f} %")
         + "."
