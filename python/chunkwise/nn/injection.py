@@ -122,10 +122,18 @@ class ChunkwiseModel:
     ranks per forward; :meth:`unload` restores the original model."""
 
     def __init__(
-        self, model: nn.Module, ladders: RankLadder | Sequence[RankLadder], scheduler: Scheduler | None = None
+        self,
+        model: nn.Module,
+        ladders: RankLadder | Sequence[RankLadder],
+        scheduler: Scheduler | None = None,
+        *,
+        fold: bool = True,
     ) -> None:
         """Checks every ladder against ``model``, then wraps the modules they adapt (the same as
-        :func:`inject`). Raises :class:`AdapterError`, model untouched, when one does not fit."""
+        :func:`inject`). Raises :class:`AdapterError`, model untouched, when one does not fit.
+        ``fold``: let decode steps run the base product and the shrink as one GEMM
+        (:class:`ChunkwiseLinear`; hooks on a wrapped layer's ``base_layer`` then skip those
+        steps)."""
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}", "model")
         if isinstance(ladders, RankLadder):
@@ -153,6 +161,7 @@ class ChunkwiseModel:
         self._saved_params: dict[str, torch.Tensor] = {}
         #: The ranks of the last :meth:`generate` call (None before the first).
         self.last_trace: RankTrace | None = None
+        self._fold = bool(fold)
         self._attach()
 
     # -- injection -------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class ChunkwiseModel:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
             base = modules[name]
-            layer = ChunkwiseLinear(base, lambda: self._current)
+            layer = ChunkwiseLinear(base, lambda: self._current, fold=self._fold)
             for i, lad in enumerate(self.ladders):
                 if name in lad.modules:
                     layer.add_ladder(i, lad.modules[name])
@@ -194,7 +203,11 @@ class ChunkwiseModel:
             for key, t in self._saved_params.items():
                 params[key].copy_(t)
         for name, (parent, base) in self._wrapped.items():
-            setattr(parent, name.rpartition(".")[2], base)
+            child = name.rpartition(".")[2]
+            layer = getattr(parent, child)
+            if isinstance(layer, ChunkwiseLinear):
+                layer.release()  # the base weight stands alone again
+            setattr(parent, child, base)
         self._wrapped.clear()
         self._saved_params.clear()
         self._current = None
@@ -330,7 +343,7 @@ def _is_peft_model(model: object) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _from_peft_model(peft_model: Any, scheduler: Scheduler | None) -> ChunkwiseModel:
+def _from_peft_model(peft_model: Any, scheduler: Scheduler | None, fold: bool) -> ChunkwiseModel:
     """Ladders of every LoRA adapter of ``peft_model``, PEFT's layers out, ladders in."""
     from peft.utils import ModulesToSaveWrapper
 
@@ -355,13 +368,15 @@ def _from_peft_model(peft_model: Any, scheduler: Scheduler | None) -> ChunkwiseM
     for name, original in originals.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, original)
-    return ChunkwiseModel(model, ladders, scheduler)
+    return ChunkwiseModel(model, ladders, scheduler, fold=fold)
 
 
 def inject(
     model: nn.Module,
     ladders: RankLadder | Sequence[RankLadder] | None = None,
     scheduler: Scheduler | None = None,
+    *,
+    fold: bool = True,
 ) -> ChunkwiseModel:
     """Wraps every module any ladder adapts with :class:`ChunkwiseLinear`.
 
@@ -369,6 +384,7 @@ def inject(
     ladder does not fit the model. ``model`` may also be a loaded ``peft.PeftModel`` (then no
     ``ladders``): its LoRA adapters become the ladders, in the order of ``peft_config``, named
     as in PEFT; the returned model's :meth:`ChunkwiseModel.unload` gives the base model back.
+    ``fold=False`` keeps every step dispatching through the base layers (their hooks run).
     """
     if _is_peft_model(model):
         if ladders is not None:
@@ -377,7 +393,7 @@ def inject(
                 "with ladders)",
                 "ladders",
             )
-        return _from_peft_model(model, scheduler)
+        return _from_peft_model(model, scheduler, fold)
     if ladders is None:
         raise AdapterError("ladders: inject needs a RankLadder or a list of them (or a PeftModel)", "ladders")
-    return ChunkwiseModel(model, ladders, scheduler)
+    return ChunkwiseModel(model, ladders, scheduler, fold=fold)
