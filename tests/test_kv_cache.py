@@ -105,16 +105,26 @@ def test_evicted_sets_match_reference(policy):
 def test_memory_stays_flat_over_ten_thousand_decode_steps(policy, one_torch_thread):
     model = tiny_model("llama", hidden=16, max_position_embeddings=16384)
     ids, mask = ragged_prompt(batch=2, seq=10)
-    sizes = []
+    from chunkwise.kv.cache import GROW_SLOTS
+
+    sizes, allocated = [], []
     run = cw.stream(model, ids, mask, max_new_tokens=10_000, policy=policy, pad_token_id=0)
     for i, _ in enumerate(run):
         if i % 500 == 0:
             sizes.append(sum(layer.keys.numel() + layer.values.numel() for layer in run.cache.layers))
+            allocated.append(
+                sum(layer.key_buffer.numel() + layer.value_buffer.numel() for layer in run.cache.layers)
+            )
     assert i == 9_999
     cap = (
         2 * len(run.cache.layers) * 2 * 2 * 4 * (policy.budget + policy.slack + 1)
     )  # K+V, batch, heads, head_dim
     assert max(sizes) <= cap
+    # what the buffers hold stays flat too: the held slots plus at most GROW_SLOTS of room
+    assert max(allocated) <= cap * (policy.budget + policy.slack + 1 + GROW_SLOTS) / (
+        policy.budget + policy.slack + 1
+    )
+    assert allocated[-1] == allocated[1]
     assert run.cache.peak_slots <= policy.budget + policy.slack + 1
     cols = run.cache.ledger.columns()
     assert cols.shape[1] <= policy.budget + policy.slack
@@ -216,3 +226,33 @@ def test_bad_cache_arguments_are_chunkwise_errors(build, param):
     with pytest.raises(cw.ChunkwiseError) as e:
         build(tiny_model("llama").config)
     assert e.value.parameter == param
+
+
+def test_decode_steps_write_into_room_and_survive_a_replaced_tensor():
+    """A decode step writes its token into the layer's buffer (no copy of the held slots), the
+    buffer grows by GROW_SLOTS at a time, and a layer whose keys were replaced behind the cache
+    (transformers' offloading does that) goes on correctly."""
+    from chunkwise.kv.cache import GROW_SLOTS
+
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids, mask = ragged_prompt()
+    steps = GROW_SLOTS + 40
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    run = cw.stream(model, ids, mask, max_new_tokens=steps, pad_token_id=0)
+    layer = run.cache.layers[0]
+    buffers: list[torch.Tensor] = []  # held, so no address is reused
+    tokens = []
+    for i, step in enumerate(run):
+        tokens.append(step.tokens)
+        assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()
+        if not buffers or layer.key_buffer is not buffers[-1]:
+            buffers.append(layer.key_buffer)
+        if i == 10:  # replaced, as offload() / prefetch() would
+            for lay in run.cache.layers:
+                lay.keys, lay.values = lay.keys.clone(), lay.values.clone()
+    assert torch.equal(torch.stack(tokens, 1), ref[:, ids.shape[1] :])
+    # one buffer from the prompt, one after the replacement, one when the room ran out
+    assert len(buffers) == 3
+    assert layer.key_buffer.shape[-2] - layer.keys.shape[-2] <= GROW_SLOTS

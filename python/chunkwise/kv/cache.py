@@ -32,6 +32,12 @@ __all__ = ["PolicyCache", "active_cache", "left_padding"]
 
 _ACTIVE = threading.local()
 
+#: Slots a layer's key / value buffer grows by beyond what a forward needs. A decode step then
+#: writes its token into free room instead of copying every held slot into a new tensor (what
+#: ``torch.cat`` does, and DynamicCache): at 2048 held slots of SmolLM2 that copy was ~94 MB
+#: read and written per step. The room costs at most this many slots per layer.
+GROW_SLOTS = 256
+
 
 def active_cache() -> tuple[PolicyCache, int] | None:
     """The policy cache (and layer) whose ``update`` ran last on this thread, for attention
@@ -79,6 +85,9 @@ class PolicyLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.mixed: MixedStore | None = None
+        #: [batch, heads, capacity, dim] buffers whose first slots ``keys`` / ``values`` view.
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -97,9 +106,46 @@ class PolicyLayer(CacheLayerMixin):
             self.mixed.append(key_states, value_states)
             return self.mixed.read()
         assert self.keys is not None and self.values is not None  # set by lazy_initialization
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        n, q = self.keys.shape[-2], key_states.shape[-2]
+        if not self._views_buffers(n + q, key_states):
+            self._regrow(n + q, key_states, value_states)
+        kb, vb = self.key_buffer, self.value_buffer
+        assert kb is not None and vb is not None  # _regrow made them
+        kb[..., n : n + q, :].copy_(key_states)
+        vb[..., n : n + q, :].copy_(value_states)
+        self.keys, self.values = kb[..., : n + q, :], vb[..., : n + q, :]
         return self.keys, self.values
+
+    def _views_buffers(self, needed: int, like: torch.Tensor) -> bool:
+        """Whether ``keys`` / ``values`` are still the leading slots of the buffers and these
+        have room for ``needed`` slots of tensors like ``like`` (something else, e.g.
+        transformers' offloading, may have replaced them)."""
+        kb, vb, k, v = self.key_buffer, self.value_buffer, self.keys, self.values
+        return (
+            kb is not None
+            and vb is not None
+            and k is not None
+            and v is not None
+            and kb.shape[-2] >= needed
+            and kb.shape[:2] == like.shape[:2]
+            and kb.dtype == like.dtype
+            and kb.device == like.device
+            and k.data_ptr() == kb.data_ptr()
+            and v.data_ptr() == vb.data_ptr()
+        )
+
+    def _regrow(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """New buffers with room for ``needed`` + :data:`GROW_SLOTS` slots, the held ones copied."""
+        assert self.keys is not None and self.values is not None
+        n = self.keys.shape[-2]
+        b, h, _, dk = key_states.shape
+        dv = value_states.shape[-1]
+        kb = key_states.new_empty((b, h, needed + GROW_SLOTS, dk))
+        vb = value_states.new_empty((b, h, needed + GROW_SLOTS, dv))
+        kb[..., :n, :].copy_(self.keys)
+        vb[..., :n, :].copy_(self.values)
+        self.key_buffer, self.value_buffer = kb, vb
+        self.keys, self.values = kb[..., :n, :], vb[..., :n, :]
 
     @property
     def nbytes(self) -> int:
@@ -122,14 +168,22 @@ class PolicyLayer(CacheLayerMixin):
             return
         assert self.keys is not None and self.values is not None  # set by lazy_initialization
         if keep is not None:
-            self.keys = self.keys[..., keep, :].contiguous()
-            self.values = self.values[..., keep, :].contiguous()
-            return
-        b, h, _, d = self.keys.shape
-        assert index is not None  # one of index / keep is given
-        idx = index.to(self.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
-        self.keys = torch.gather(self.keys, 2, idx)
-        self.values = torch.gather(self.values, 2, idx)
+            kept_k, kept_v = self.keys[..., keep, :].clone(), self.values[..., keep, :].clone()
+        else:
+            assert index is not None  # one of index / keep is given
+            b, h, _, d = self.keys.shape
+            idx = index.to(self.keys.device)[:, None, :, None].expand(b, h, index.shape[1], d)
+            kept_k = torch.gather(self.keys, 2, idx)
+            kept_v = torch.gather(self.values, 2, idx)
+        n = kept_k.shape[-2]
+        if self._views_buffers(n, kept_k):  # the kept slots move to the front of the buffers
+            kb, vb = self.key_buffer, self.value_buffer
+            assert kb is not None and vb is not None
+            kb[..., :n, :].copy_(kept_k)
+            vb[..., :n, :].copy_(kept_v)
+            self.keys, self.values = kb[..., :n, :], vb[..., :n, :]
+        else:
+            self.keys, self.values = kept_k, kept_v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.mask_sizes(query_length)
