@@ -52,6 +52,7 @@ from typing import Any
 import chunkwise as cw
 import torch
 from chunkwise.assets import sample_text
+from chunkwise.errors import ChunkwiseError
 from chunkwise.eval.benchmarking import peak_memory_mb, random_adapter
 from torch import nn
 
@@ -382,7 +383,10 @@ def s3(context: int, new: int, chunk: int, budget: int) -> dict:
             sys.executable, "-m", "benches.lora_overhead", "--s3-worker", kind, "--context", str(context),
             "--new-tokens", str(new), "--chunk", str(chunk), "--budget", str(budget),
         ]  # fmt: skip
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:  # say why: the worker's last line is its exception
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ChunkwiseError(f"S3 worker {kind!r} failed (exit {done.returncode}): {why}")
         rows[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"... s3 {kind} done", file=sys.stderr)
     peft, mine, top = rows["peft"], rows["chunkwise"], rows["chunkwise_top"]

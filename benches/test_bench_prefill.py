@@ -35,7 +35,7 @@ def prefill() -> dict[str, Any]:
     ladder = cw.RankLadder.from_peft(adapter)
     sched = cw.Scheduler(cw.SchedulerConfig(rungs=(0, 4, 8, 16, 32, 64), mode="target", target_mean_rank=32))
     cwm = cw.inject(copy.deepcopy(base), ladder, sched)
-    batch = held_out_ids(tok, 512)[None]
+    batch = held_out_ids(tok, 512, allow_sample=True)[None]
     plan = cwm.plan_inputs(batch)
     half = cwm.token_plan(plan, batch)
     top = cwm.top_rung(batch)
