@@ -197,3 +197,41 @@ def test_injected_model_decodes_the_same_folded_or_not_and_unloads_clean(tmp_pat
         if isinstance(mod, nn.Linear):
             w = mod.weight
             assert w.untyped_storage().nbytes() == w.numel() * w.element_size(), name
+
+
+@pytest.mark.parametrize("shape", [(3, IN), (1, 3, IN), (3, 1, IN)])
+def test_folded_output_is_contiguous_in_the_input_shape(shape):
+    """Downstream code views the output (``q.view(b, t, heads, d)``): like the base layer's, the
+    folded result is a fresh contiguous tensor of the input's leading shape, gated or not."""
+    gates = torch.rand(3, 4)
+    for plan in ([_plan(3, 4)], [_plan(3, 4, gates, 0.5)], [_plan(3, 0)]):
+        layer, params = _layer(plan)
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*shape[:-1], OUT) and y.is_contiguous()
+        blk = plan[0].blocks[0]
+        assert rel_err(y.reshape(-1, OUT), _reference(x, params, blk.max_rank, blk.gates, blk.scale)) < 1e-6
+
+
+def test_fold_follows_a_replaced_bias_and_a_replaced_base_layer():
+    plan = [_plan(2, 6)]
+    layer, params = _layer(plan)
+    x = torch.randn(2, IN)
+    new_b = torch.randn(OUT)
+    with torch.no_grad():
+        layer.base_layer.bias.data = new_b.clone()  # only the bias replaced
+        y = layer(x)
+    params = (params[0], new_b, *params[2:])
+    assert rel_err(y, _reference(x, params, 6, None, 1.0)) < 1e-6
+    old = layer.base_layer
+    new = nn.Linear(IN, OUT)
+    layer.base_layer = new  # a new base module: the fold moves to it, the old one stands alone
+    calls = _Calls(new)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls.n == 0  # folded
+    params = (new.weight.detach().clone(), new.bias.detach().clone(), *params[2:])
+    assert rel_err(y, _reference(x, params, 6, None, 1.0)) < 1e-6
+    w = old.weight
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()

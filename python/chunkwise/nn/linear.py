@@ -73,11 +73,14 @@ class _Fold:
     :meth:`current` tells whether the base layer still views it (a ``load_state_dict(assign=
     True)``, ``.data =`` or a move breaks the view: the layer folds again)."""
 
-    __slots__ = ("adapter", "b_t", "bias", "out", "rank", "w")
+    __slots__ = (
+        "adapter", "b_t", "base", "bias", "bias_ptr", "dtype", "lad_bias", "out", "rank", "views", "w", "w_ptr"
+    )  # fmt: skip
 
     def __init__(self, base: nn.Linear, adapter: int, lad: _Factors) -> None:
-        self.adapter, self.rank, self.out = adapter, lad.rank, base.out_features
+        self.base, self.adapter, self.rank, self.out = base, adapter, lad.rank, base.out_features
         self.b_t = lad.b.T  # [R, out], contiguous (prefix_layout)
+        self.lad_bias = lad.bias
         with torch.no_grad():
             self.w = torch.cat([base.weight.detach(), lad.a])
             base.weight.data = self.w[: self.out]
@@ -85,47 +88,61 @@ class _Fold:
             if base.bias is not None:
                 self.bias = torch.cat([base.bias.detach(), base.bias.new_zeros(lad.rank)])
                 base.bias.data = self.bias[: self.out]
+        self.dtype, self.w_ptr = self.w.dtype, self.w.data_ptr()
+        self.bias_ptr = None if self.bias is None else self.bias.data_ptr()
+        #: rank -> (weight rows, bias rows, B' rows) of that rank: views made once, not per step
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     @staticmethod
     def applies(base: nn.Module) -> bool:
         """Whether ``base`` is one the fold may compute itself (see the class docstring)."""
         return type(base) is nn.Linear and "forward" not in vars(base) and base.weight.device.type == "cpu"
 
-    def current(self, base: nn.Module) -> bool:
-        """Whether ``base``'s weight and bias still view this fold."""
-        w, b = base.weight, base.bias
+    def current(self) -> bool:
+        """Whether the base layer's weight and bias still view this fold (the storage decides: a
+        new dtype, device or tensor is new storage)."""
+        w, b = self.base.weight, self.base.bias
         assert isinstance(w, torch.Tensor)
-        if w.data_ptr() != self.w.data_ptr() or w.dtype != self.w.dtype or w.shape[0] != self.out:
+        if w.data_ptr() != self.w_ptr or w.shape[0] != self.out:
             return False
-        if self.bias is None:
-            return b is None
-        return isinstance(b, torch.Tensor) and b.data_ptr() == self.bias.data_ptr()
+        return b.data_ptr() == self.bias_ptr if isinstance(b, torch.Tensor) else self.bias_ptr is None
 
-    def release(self, base: nn.Module) -> None:
+    def release(self) -> None:
         """Gives the base layer standalone weight and bias again (what it had before the fold)."""
-        if self.current(base):
+        base = self.base
+        if self.current():
             with torch.no_grad():
                 base.weight.data = self.w[: self.out].clone()
                 if self.bias is not None and isinstance(base.bias, torch.Tensor):
                     base.bias.data = self.bias[: self.out].clone()
 
-    def run(self, x2: torch.Tensor, block: AdapterBlock, lad_bias: torch.Tensor | None) -> torch.Tensor:
-        """The layer's output for the rows ``x2``, all of them in ``block`` (adapter ``adapter``)."""
-        out = self.out
+    def _views(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(weight rows, bias rows, B' rows) of rank ``r``, made once and kept in ``views``."""
+        end = self.out + r
+        v = self.views[r] = (self.w[:end], None if self.bias is None else self.bias[:end], self.b_t[:r])
+        return v
+
+    def run(self, x: torch.Tensor, block: AdapterBlock) -> torch.Tensor:
+        """The layer's output for ``x`` [..., in] (any leading shape), every row of it in
+        ``block`` (adapter ``adapter``): a fresh contiguous tensor, as the base layer's would be."""
         r = min(block.max_rank, self.rank)
-        ye = F.linear(x2, self.w[: out + r], None if self.bias is None else self.bias[: out + r])
+        v = self.views.get(r)
+        if v is None:
+            v = self._views(r)
+        ye = F.linear(x, v[0], v[1])
         if r == 0:
             y = ye
         else:
-            h = ye[:, out:]
+            base, h = ye.split((self.out, r), -1)
             if block.gates is not None:
-                h = h * (block.gates if block.gates.shape[1] == r else block.gates[:, :r])
+                h = h * (block.gates if block.gates.shape[1] == r else block.gates[:, :r]).reshape(h.shape)
+            y = torch.matmul(h, v[2])
             if block.scale == 1.0:
-                y = torch.addmm(ye[:, :out], h, self.b_t[:r])
+                y.add_(base)
             else:
-                y = torch.addmm(ye[:, :out], h, self.b_t[:r], alpha=block.scale)
-        if lad_bias is not None:
-            y = y + lad_bias
+                y = torch.add(base, y, alpha=block.scale)
+        if self.lad_bias is not None:
+            y.add_(self.lad_bias)
         return y
 
 
@@ -172,12 +189,17 @@ class ChunkwiseLinear(nn.Module):
         self._fold_enabled = bool(enabled)
         self._refold()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "base_layer" and "_fold" in self.__dict__:  # a new base: the fold follows it
+            self._refold()
+
     def _refold(self) -> _Fold | None:
         """Folds the first adapter under the base weight, or releases the fold when it may not
         be used (see :class:`_Fold`); returns the fold in use."""
         base = self.base_layer
         if self._fold is not None:
-            self._fold.release(base)
+            self._fold.release()
             self._fold = None
         if self._fold_enabled and self._lad and isinstance(base, nn.Linear) and _Fold.applies(base):
             first = min(self._lad)
@@ -230,10 +252,18 @@ class ChunkwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         plan = self._plan_source()
         fold = self._fold
-        if fold is not None and plan is not None and len(plan.blocks) == 1 and not args and not kwargs:
-            y = self._folded(x, plan, fold)
-            if y is not None:
-                return y
+        if fold is not None and plan is not None and not args and not kwargs:
+            block = plan.whole
+            if (
+                block is not None
+                and block.adapter == fold.adapter
+                and plan.n_tokens <= FOLD_MAX_ROWS
+                and x.dtype == fold.dtype
+                and x.numel() == plan.n_tokens * self.in_features
+                and not torch.is_grad_enabled()
+                and (fold.current() or self._refolded(x))
+            ):
+                return self._fold.run(x, block)  # type: ignore[union-attr]  # _refolded set it
         y = self.base_layer(x, *args, **kwargs)
         dtype = self._dtype
         if plan is None or dtype is None:
@@ -259,19 +289,11 @@ class ChunkwiseLinear(nn.Module):
         y2.add_(out.to(y2.dtype))
         return y
 
-    def _folded(self, x: torch.Tensor, plan: TokenPlan, fold: _Fold) -> torch.Tensor | None:
-        """The folded forward, or None where it does not apply (the plain path runs)."""
-        block = plan.blocks[0]
-        if block.rows is not None or block.adapter != fold.adapter or torch.is_grad_enabled():
-            return None
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > FOLD_MAX_ROWS or x2.shape[0] != plan.n_tokens or x2.dtype != fold.w.dtype:
-            return None
-        if not fold.current(self.base_layer):
-            fold = self._refold()  # type: ignore[assignment]
-            if fold is None:
-                return None
-        return fold.run(x2, block, self._lad[fold.adapter].bias).view(*x.shape[:-1], self.out_features)
+    def _refolded(self, x: torch.Tensor) -> bool:
+        """Folds again after the base layer's weight or bias was replaced behind the fold;
+        whether the new fold applies to ``x``."""
+        fold = self._refold()
+        return fold is not None and x.dtype == fold.dtype
 
     def _deltas(self, x2: torch.Tensor, y2: torch.Tensor, plan: TokenPlan) -> None:
         """The torch path: every adapter block of the plan into ``y2``."""

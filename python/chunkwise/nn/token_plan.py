@@ -185,6 +185,14 @@ class TokenPlan:
     blocks: list[AdapterBlock]
     #: The same plan as kernel segments on the device (CUDA devices only; see chunkwise.kernels).
     segments: KernelSegments | DecodeSegments | None = None
+    #: The only block when it covers every row in order (``rows`` None), else None: what a
+    #: layer checks once per forward to take its folded path (set from ``blocks`` at creation;
+    #: the blocks' ranks and gates may change later, their adapter and rows may not).
+    whole: AdapterBlock | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        only = self.blocks[0] if len(self.blocks) == 1 else None
+        self.whole = only if only is not None and only.rows is None else None
 
     @classmethod
     def build(
