@@ -316,9 +316,11 @@ class _Stamps:
         return 1e3 * statistics.median(b - a for a, b in zip(t[:-1], t[1:], strict=True))
 
 
-def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dict:
+def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int, timing_only: bool = False) -> dict:
     """One system of S3 in this (fresh) process: decode ms/token and peak memory of a plain
-    generation, then the context's perplexity from a scored one."""
+    generation, then the context's perplexity from a scored one. ``timing_only``: the bundled
+    sample text may stand in for the held-out corpus, no perplexity is computed, and
+    ``chunkwise_top`` is timed too (its speed does not depend on what the text asks for)."""
     from chunkwise.assets.smollm2 import load_smollm2
     from chunkwise.kv import KvPolicy
     from peft import PeftModel
@@ -327,7 +329,7 @@ def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dic
 
     torch.set_grad_enabled(False)
     base, tok = load_smollm2(progress=False)
-    ids = held_out_ids(tok, context)[None]
+    ids = held_out_ids(tok, context, allow_sample=timing_only)[None]
     with tempfile.TemporaryDirectory() as d:
         adapter = random_adapter(base, 64, Path(d) / "s3")  # seed 0: the same adapter in every worker
         if kind == "peft":
@@ -351,7 +353,7 @@ def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dic
         )
 
     cw.generate(model, ids[:, :64], max_new_tokens=2)  # touch every weight page, warm the kernels
-    if kind != "chunkwise_top":  # that one only splits the perplexity change
+    if kind != "chunkwise_top" or timing_only:  # otherwise that one only splits the perplexity change
         stamps = _Stamps()
         out = run(stamps)
         # transformers calls its streamer with the prompt first; chunkwise once per token
@@ -368,6 +370,8 @@ def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dic
             row["kv_mb"] = out.cache.peak_slots * out.cache.bytes_per_token / 2**20
             row["decode_mean_rank"] = float(out.ranks[:, :-1].mean())
             row["prefill_mean_rank"] = float(out.prefill_token_ranks.mean())
+    if timing_only:
+        return row
     scored = cw.generate(
         model, ids, mask, max_new_tokens=1, policy=policy, prefill_chunk=chunk, score_prompt=True
     )
@@ -375,14 +379,15 @@ def s3_worker(kind: str, context: int, new: int, chunk: int, budget: int) -> dic
     return row
 
 
-def s3(context: int, new: int, chunk: int, budget: int) -> dict:
-    """S3: every system in its own process (clean peak memory), then the ratios."""
+def s3(context: int, new: int, chunk: int, budget: int, timing_only: bool = False) -> dict:
+    """S3: every system in its own process (clean peak memory), then the ratios
+    (``timing_only``: see :func:`s3_worker`; no perplexity, not a figure of record)."""
     rows = {}
     for kind in S3_KINDS:
         cmd = [
             sys.executable, "-m", "benches.lora_overhead", "--s3-worker", kind, "--context", str(context),
             "--new-tokens", str(new), "--chunk", str(chunk), "--budget", str(budget),
-        ]  # fmt: skip
+        ] + (["--s3-timing-only"] if timing_only else [])  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:  # say why: the worker's last line is its exception
             why = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -390,8 +395,20 @@ def s3(context: int, new: int, chunk: int, budget: int) -> dict:
         rows[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"... s3 {kind} done", file=sys.stderr)
     peft, mine, top = rows["peft"], rows["chunkwise"], rows["chunkwise_top"]
+    rounded = {
+        k: {m: round(v, 3) if isinstance(v, float) else v for m, v in r.items()} for k, r in rows.items()
+    }
+    if timing_only:
+        return {
+            "text": "timing only: no perplexity; the bundled sample stands in if the corpus is missing",
+            **rounded,
+            "decode_x_peft": round(mine["decode_ms_per_token"] / peft["decode_ms_per_token"], 3),
+            "decode_x_peft_top_rank": round(top["decode_ms_per_token"] / peft["decode_ms_per_token"], 3),
+            "added_memory_x_peft": round(mine["added_mb"] / peft["added_mb"], 3),
+            "kv_x_peft": round(mine["kv_mb"] / peft["kv_mb"], 3),
+        }
     return {
-        **{k: {m: round(v, 3) if isinstance(v, float) else v for m, v in r.items()} for k, r in rows.items()},
+        **rounded,
         "decode_x_peft": round(mine["decode_ms_per_token"] / peft["decode_ms_per_token"], 3),
         "added_memory_x_peft": round(mine["added_mb"] / peft["added_mb"], 3),
         "kv_x_peft": round(mine["kv_mb"] / peft["kv_mb"], 3),
@@ -411,10 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=512, help="S3 prefill chunk (default: 512)")
     p.add_argument("--budget", type=int, default=2048, help="S3 tokens the sinks cache keeps (default: 2048)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--s3-timing-only",
+        action="store_true",
+        help="S3 without perplexities; the bundled sample text stands in when the corpus is missing",
+    )
     p.add_argument("--s3-worker", choices=S3_KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.s3_worker:
-        print(json.dumps(s3_worker(args.s3_worker, args.context, args.new_tokens, args.chunk, args.budget)))
+        a = args
+        row = s3_worker(a.s3_worker, a.context, a.new_tokens, a.chunk, a.budget, a.s3_timing_only)
+        print(json.dumps(row))
         return 0
     parts = args.only or ["s1", "s2", "hf", "s3", "loop"]
     torch.set_grad_enabled(False)
@@ -441,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = fn(base, tok, Path(d), args.rounds, args.new_tokens)
                     print(name, json.dumps(results[name], indent=1))
     if "s3" in parts:
-        results["s3"] = s3(args.context, args.s3_new, args.chunk, args.budget)
+        results["s3"] = s3(args.context, args.s3_new, args.chunk, args.budget, args.s3_timing_only)
         print("s3", json.dumps(results["s3"], indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
