@@ -5,9 +5,12 @@ One place for them, torch-free, so the command line can name them without import
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "PICKLE_WEIGHTS_FILE",
     "WEIGHTS_FILE",
+    "atomic_write",
     "read_json",
     "regular_file",
 ]
@@ -78,3 +82,20 @@ def read_json(path: Path, param: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdapterError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})", param) from None
+
+
+def atomic_write(out: Path, write: Callable[[str], None]) -> Path:
+    """Writes ``out`` through ``write(temp_path)`` into a temp file of its own beside it (two
+    writers of one folder never share one), synced and renamed over ``out`` only once complete:
+    a reader sees the old file or the new one, never a part, and an interrupted write leaves no
+    temp behind. The temp file gets the umask's mode. Returns ``out``."""
+    tmp = str(out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out

@@ -10,18 +10,16 @@ touching PEFT's own files.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError
-from .files import CONFIG_FILE, LADDER_FILE, regular_file
+from ..errors import AdapterError, InputError
+from .files import CONFIG_FILE, LADDER_FILE, atomic_write, regular_file
 from .settings import LoraSettings, read_config, settings_from_dict
 from .weights import AdapterWeights, read_weights, weights_from_tensors
 
@@ -199,6 +197,31 @@ class RankLadder:
             shares.append(float(sigma2[:rank].sum()) / total if total > 0 else 1.0)
         return sum(shares) / len(shares)
 
+    def check_rank(self, rank: object) -> int:
+        """``rank`` as a rung of this ladder (an int in 1..max_rank), else :class:`InputError`
+        naming it."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            raise InputError(
+                f"rank: expected an integer from 1 to the ladder's top rank {self.max_rank}, got {rank!r}",
+                "rank",
+            )
+        return rank
+
+    def truncated(self, rank: int) -> RankLadder:
+        """This ladder cut to its rank-``rank`` prefixes (modules of lower rank keep theirs): the
+        best rank-``rank`` approximation of every update, and itself a ladder of it (the prefixes
+        of SVD factors are SVD factors). Shares the tensors; nothing is copied."""
+        rank = self.check_rank(rank)
+        modules = {mod: LadderModule(m.a[:rank], m.b[:, :rank], m.bias) for mod, m in self.modules.items()}
+        return RankLadder(modules, self.settings, dict(self.saved), self.name, dict(self.config))
+
+    def to_peft(self, path: str | Path, rank: int | None = None, *, overwrite: bool = False) -> Path:
+        """Writes this ladder (cut to ``rank`` if given) as an ordinary PEFT LoRA folder that any
+        PEFT consumer loads (vLLM included): see :func:`chunkwise.adapters.export.write_peft`."""
+        from .export import write_peft
+
+        return write_peft(self, path, rank, overwrite=overwrite)
+
     def save(self, path: str | Path) -> Path:
         """Writes ``chunkwise_ladder.safetensors`` into directory ``path`` (beside a PEFT adapter
         is fine: PEFT reads only its own files). Returns the file path."""
@@ -215,19 +238,7 @@ class RankLadder:
         for k, t in self.saved.items():
             tensors[f"saved.{k}"] = t.contiguous()
         meta = {"format": _FORMAT, "name": self.name, "adapter_config": json.dumps(self.config)}
-        out = path / LADDER_FILE
-        # a temp file of its own (two savers of one folder never share one), renamed over the
-        # ladder only once complete: a reader sees the old file or the new one, never a part
-        tmp = str(path / f".{LADDER_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # umask's mode
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return out
+        return atomic_write(path / LADDER_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> RankLadder:

@@ -12,9 +12,10 @@ import torch
 from ..errors import AdapterError
 from .files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, regular_file
 
-__all__ = ["LoraModuleWeights", "AdapterWeights", "read_weights", "weights_from_tensors"]
+__all__ = ["KEY_PREFIX", "LoraModuleWeights", "AdapterWeights", "read_weights", "weights_from_tensors"]
 
-_PREFIX = "base_model.model."
+#: What PEFT puts before a module name in the keys of an adapter's tensors.
+KEY_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 
 
@@ -80,7 +81,7 @@ def weights_from_tensors(tensors: dict[str, torch.Tensor], path: str) -> Adapter
     parts: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        name = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
         m = _LORA_KEY.match(name)
         if m:
             parts.setdefault(m["module"], {})[m["part"]] = t

@@ -16,6 +16,7 @@ them on the ``ChunkwiseLinear``, or set ``fold=False``), and adapter 0's A' is h
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ class _Fold:
     True)``, ``.data =`` or a move breaks the view: the layer folds again)."""
 
     __slots__ = (
-        "adapter", "b_t", "base", "bias", "bias_ptr", "dtype", "lad_bias", "out", "rank", "views", "w", "w_ptr"
+        "adapter", "b_t", "base", "bias", "bias_ptr", "dtype",
+        "lad_bias", "out", "rank", "views", "w", "w_ptr",
     )  # fmt: skip
 
     def __init__(self, base: nn.Linear, adapter: int, lad: _Factors) -> None:
@@ -189,7 +191,7 @@ class ChunkwiseLinear(nn.Module):
         self._fold_enabled = bool(enabled)
         self._refold()
 
-    def __setattr__(self, name: str, value: object) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name == "base_layer" and "_fold" in self.__dict__:  # a new base: the fold follows it
             self._refold()
