@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""vLLM loads a chunkwise ladder written as a PEFT folder (``RankLadder.to_peft``) and runs it as
+PEFT does: end to end on vLLM's CPU build, with a tiny random Llama (no download).
+
+    bash scripts/vllm_env.sh .venv-vllm                          # once, ~1.5 min
+    python scripts/vllm_export_check.py --vllm-python .venv-vllm/bin/python [--json out.json]
+
+The chunkwise side (this interpreter) builds the model and a PEFT adapter with mixed ranks
+(rank_pattern, alpha_pattern, rsLoRA), converts it to a ladder, writes the ladder as a PEFT
+folder in full and cut to rank 2, and runs PEFT's own greedy decode on each folder (the
+oracle). The vLLM side (``--vllm-python``, its own environment: vLLM pins transformers < 5.20)
+generates greedily with a ``LoRARequest`` per folder. Checks, fp32: vLLM on the original
+adapter, on the full export and on the rank-2 export gives PEFT's tokens for each; the full
+export's log-probabilities match the original adapter's, under PEFT and under vLLM, within 1e-4
+(absolute); the rank-2 cut really changes the output. Exit 0 when all hold, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["The quick brown fox jumps over", "Hello, my name is", "Rome was founded in"]
+N_TOKENS = 16
+N_LOGPROBS = 5
+FOLDERS = ("original", "export_full", "export_r2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def build(work: Path) -> None:
+    """The tiny model (SmolLM2's tokenizer), the adapter and its two exports under ``work``."""
+    import chunkwise
+    import torch
+    from chunkwise.assets.smollm2 import smollm2_dir
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = smollm2_dir()
+    model_dir = work / "model"
+    model_dir.mkdir()
+    for f in TOKENIZER_FILES:
+        shutil.copy(src / f, model_dir / f)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16)
+        intermediate_size=128,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # clear margins between the top two logits
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=12,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+        alpha_pattern={"o_proj": 20.0},
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "lora_B" in name else 0.2))
+    pm.peft_config["default"].base_model_name_or_path = str(model_dir)
+    pm.save_pretrained(work / "original")
+    ladder = chunkwise.RankLadder.from_peft(work / "original")
+    ladder.to_peft(work / "export_full")
+    ladder.to_peft(work / "export_r2", rank=2)
+
+
+def peft_greedy(work: Path) -> dict:
+    """PEFT's greedy tokens and log-probabilities per folder and prompt (no cache, no EOS stop)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    out: dict = {}
+    for folder in FOLDERS:
+        base = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+        m = PeftModel.from_pretrained(base, str(work / folder)).eval()
+        out[folder] = []
+        for prompt in PROMPTS:
+            ids = tok(prompt)["input_ids"]
+            tokens, logprobs = [], []
+            with torch.no_grad():
+                for _ in range(N_TOKENS):
+                    lp = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+                    t = int(lp.argmax())
+                    tokens.append(t)
+                    logprobs.append(lp)
+                    ids = [*ids, t]
+            out[folder].append({"tokens": tokens, "logprobs": logprobs})
+    return out
+
+
+def vllm_side(work: Path) -> int:
+    """Runs in vLLM's environment: greedy generation per folder, written to work/vllm.json."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=str(work / "model"),
+        enable_lora=True,
+        max_lora_rank=64,
+        max_loras=len(FOLDERS),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=4,
+    )
+    load_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=N_LOGPROBS)
+    result: dict = {"load_s": load_s}
+    for i, folder in enumerate(FOLDERS):
+        outs = llm.generate(PROMPTS, sp, lora_request=LoRARequest(folder, i + 1, str(work / folder)))
+        result[folder] = [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "logprobs": [{str(t): lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs],
+            }
+            for o in outs
+        ]
+    (work / "vllm.json").write_text(json.dumps(result))
+    return 0
+
+
+def compare(ref: dict, got: dict) -> dict:
+    """The checks of the module docstring, as a JSON-able summary with ``ok``."""
+    summary: dict = {"vllm_load_s": round(got["load_s"], 1)}
+    ok = True
+    for folder in FOLDERS:
+        match = [g["tokens"] == r["tokens"] for g, r in zip(got[folder], ref[folder], strict=True)]
+        summary[f"{folder}_tokens_match_peft"] = match
+        ok &= all(match)
+    # the full export under vLLM against the ORIGINAL adapter under PEFT, every top-5 logprob
+    worst = 0.0
+    for g, r in zip(got["export_full"], ref["original"], strict=True):
+        for step, d in enumerate(g["logprobs"]):
+            for t, lp in d.items():
+                worst = max(worst, abs(lp - float(r["logprobs"][step][int(t)])))
+    summary["export_full_max_abs_logprob_diff_vs_original_peft"] = worst
+    ok &= worst < 1e-4
+    # the same, both under vLLM (one engine, one kernel path): what the export alone changes
+    same_engine = 0.0
+    for g, o in zip(got["export_full"], got["original"], strict=True):
+        for d, do in zip(g["logprobs"], o["logprobs"], strict=True):
+            for t in d.keys() & do.keys():
+                same_engine = max(same_engine, abs(d[t] - do[t]))
+    summary["export_full_max_abs_logprob_diff_vs_original_vllm"] = same_engine
+    ok &= same_engine < 1e-4
+    cut_differs = [a["tokens"] != b["tokens"] for a, b in zip(ref["export_r2"], ref["original"], strict=True)]
+    summary["rank2_cut_changes_tokens"] = cut_differs
+    ok &= any(cut_differs)
+    summary["ok"] = bool(ok)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vllm-python", type=Path, help="vLLM environment's python (scripts/vllm_env.sh)")
+    p.add_argument("--json", type=Path, help="write the summary here too")
+    p.add_argument("--vllm-side", type=Path, help=argparse.SUPPRESS)  # internal: run the vLLM half
+    args = p.parse_args(argv)
+    if args.vllm_side is not None:
+        return vllm_side(args.vllm_side)
+    if args.vllm_python is None or not args.vllm_python.exists():
+        p.error(f"--vllm-python: {args.vllm_python} does not exist (build it with scripts/vllm_env.sh)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build(work)
+        ref = peft_greedy(work)
+        env_cmd = [str(args.vllm_python), __file__, "--vllm-side", str(work)]
+        subprocess.run(env_cmd, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        summary = compare(ref, json.loads((work / "vllm.json").read_text()))
+    print(json.dumps(summary, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
