@@ -58,15 +58,10 @@ def peft_config(ladder: RankLadder) -> dict:
 def peft_tensors(ladder: RankLadder) -> dict[str, torch.Tensor]:
     """The ``adapter_model.safetensors`` tensors of ``ladder`` as a PEFT folder (the keys
     ``save_pretrained`` writes), contiguous in the ladder's dtype."""
-    tensors: dict[str, torch.Tensor] = {}
-    for mod, m in ladder.modules.items():
-        tensors[f"{KEY_PREFIX}{mod}.lora_A.weight"] = m.a.contiguous()
-        tensors[f"{KEY_PREFIX}{mod}.lora_B.weight"] = m.b.contiguous()
-        if m.bias is not None:
-            tensors[f"{KEY_PREFIX}{mod}.lora_B.bias"] = m.bias.contiguous()
-    for name, t in ladder.saved.items():
-        tensors[f"{KEY_PREFIX}{name}"] = t.contiguous()
-    return tensors
+    keys = {"a": "lora_A.weight", "b": "lora_B.weight", "bias": "lora_B.bias"}
+    return ladder.flat_tensors(
+        {part: f"{KEY_PREFIX}{{}}.{key}" for part, key in keys.items()}, f"{KEY_PREFIX}{{}}"
+    )
 
 
 def write_peft(

@@ -222,6 +222,19 @@ class RankLadder:
 
         return write_peft(self, path, rank, overwrite=overwrite)
 
+    def flat_tensors(self, keys: dict[str, str], saved: str) -> dict[str, torch.Tensor]:
+        """Every tensor of the ladder, contiguous, by file key: a module's ``a``, ``b`` and
+        ``bias`` under ``keys[part].format(module)``, a saved tensor under ``saved.format(name)``
+        (the ladder file's keys and the PEFT export's are two such sets)."""
+        out: dict[str, torch.Tensor] = {}
+        for mod, m in self.modules.items():
+            for part, t in (("a", m.a), ("b", m.b), ("bias", m.bias)):
+                if t is not None:
+                    out[keys[part].format(mod)] = t.contiguous()
+        for name, t in self.saved.items():
+            out[saved.format(name)] = t.contiguous()
+        return out
+
     def save(self, path: str | Path) -> Path:
         """Writes ``chunkwise_ladder.safetensors`` into directory ``path`` (beside a PEFT adapter
         is fine: PEFT reads only its own files). Returns the file path."""
@@ -229,14 +242,9 @@ class RankLadder:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for mod, m in self.modules.items():
-            tensors[f"ladder.{mod}.a"] = m.a.contiguous()
-            tensors[f"ladder.{mod}.b"] = m.b.contiguous()
-            if m.bias is not None:
-                tensors[f"ladder.{mod}.bias"] = m.bias.contiguous()
-        for k, t in self.saved.items():
-            tensors[f"saved.{k}"] = t.contiguous()
+        tensors = self.flat_tensors(
+            {"a": "ladder.{}.a", "b": "ladder.{}.b", "bias": "ladder.{}.bias"}, "saved.{}"
+        )
         meta = {"format": _FORMAT, "name": self.name, "adapter_config": json.dumps(self.config)}
         return atomic_write(path / LADDER_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
