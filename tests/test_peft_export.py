@@ -31,6 +31,7 @@ from tests.support.peft_helpers import (
     tiny_model,
     truncations,
 )
+from tests.test_ladder_peft import CASES as LADDER_CASES
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
@@ -38,30 +39,11 @@ pytestmark = [
 ]
 
 CASES = {
-    "rank-alpha-pattern": (
-        "llama",
-        dict(
-            target_modules=["q_proj", "v_proj", "down_proj"],
-            rank_pattern={"v_proj": 2, r"layers\.0\.mlp\.down_proj": 3, "model.layers.1.self_attn.q_proj": 6},
-            alpha_pattern={"q_proj": 3.0, "down_proj": 20.0},
-        ),
-    ),
+    "rank-alpha-pattern": LADDER_CASES["rank-alpha-pattern"],
+    "everything-qwen2": LADDER_CASES["everything-qwen2"],
     "gpt2-conv1d-rslora": (
         "gpt2",
         dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_rslora=True),
-    ),
-    "everything-qwen2": (
-        "qwen2",
-        dict(
-            target_modules="all-linear",
-            exclude_modules=["k_proj"],
-            r=6,
-            use_rslora=True,
-            rank_pattern={"down_proj": 2},
-            alpha_pattern={"v_proj": 2.0},
-            lora_bias=True,
-            modules_to_save=["lm_head"],
-        ),
     ),
 }
 
