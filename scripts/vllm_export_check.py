@@ -12,7 +12,10 @@ oracle). The vLLM side (``--vllm-python``, its own environment: vLLM pins transf
 generates greedily with a ``LoRARequest`` per folder. Checks, fp32: vLLM on the original
 adapter, on the full export and on the rank-2 export gives PEFT's tokens for each; the full
 export's log-probabilities match the original adapter's, under PEFT and under vLLM, within 1e-4
-(absolute); the rank-2 cut really changes the output. Exit 0 when all hold, 1 otherwise.
+(absolute); the rank-2 cut really changes the output. Then once more with chunkwise's vLLM
+plugin (``CHUNKWISE_VLLM_RANKS``, :mod:`chunkwise.vllm`): the full export at plugin rank 2 gives
+vLLM's output on the rank-2 export, at rank 0 the base model's, and with no rank given vLLM's
+own. Exit 0 when all hold, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from chunkwise.vllm import RANKS_ENV
 
 PROMPTS = ["The quick brown fox jumps over", "Hello, my name is", "Rome was founded in"]
 N_TOKENS = 16
@@ -114,17 +119,24 @@ def peft_greedy(work: Path) -> dict:
     return out
 
 
-def vllm_side(work: Path) -> int:
-    """Runs in vLLM's environment: greedy generation per folder, written to work/vllm.json."""
+#: the plugin run: LoRA id -> (folder, rank the plugin gives it; None: not in its table)
+PLUGIN_RUNS = {2: ("export_full", None), 4: ("export_full", 2), 5: ("export_full", 0)}
+
+
+def vllm_side(work: Path, plugin: bool) -> int:
+    """Runs in vLLM's environment: greedy generation without LoRA and per LoRA, written to
+    work/vllm.json, or with the chunkwise plugin's rank table (:data:`PLUGIN_RUNS`) to
+    work/vllm_plugin.json."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    runs = {i: (folder, None) for i, folder in enumerate(FOLDERS, start=1)} if not plugin else PLUGIN_RUNS
     t0 = time.perf_counter()
     llm = LLM(
         model=str(work / "model"),
         enable_lora=True,
         max_lora_rank=64,
-        max_loras=len(FOLDERS),
+        max_loras=len(runs),
         enforce_eager=True,
         dtype="float32",
         max_model_len=256,
@@ -133,17 +145,50 @@ def vllm_side(work: Path) -> int:
     load_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=N_LOGPROBS)
     result: dict = {"load_s": load_s}
-    for i, folder in enumerate(FOLDERS):
-        outs = llm.generate(PROMPTS, sp, lora_request=LoRARequest(folder, i + 1, str(work / folder)))
-        result[folder] = [
+    for lora_id, (folder, _) in [(0, ("base", None)), *runs.items()]:
+        request = None if lora_id == 0 else LoRARequest(f"{folder}-{lora_id}", lora_id, str(work / folder))
+        outs = llm.generate(PROMPTS, sp, lora_request=request)
+        result[str(lora_id) if plugin else folder] = [
             {
                 "tokens": list(o.outputs[0].token_ids),
                 "logprobs": [{str(t): lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs],
             }
             for o in outs
         ]
-    (work / "vllm.json").write_text(json.dumps(result))
+    (work / ("vllm_plugin.json" if plugin else "vllm.json")).write_text(json.dumps(result))
     return 0
+
+
+def logprob_gap(a: list[dict], b: list[dict]) -> float:
+    """The largest |difference| of two vLLM runs' log-probabilities over the tokens both list."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        for d, e in zip(x["logprobs"], y["logprobs"], strict=True):
+            for t in d.keys() & e.keys():
+                worst = max(worst, abs(d[t] - e[t]))
+    return worst
+
+
+def compare_plugin(got: dict, plug: dict) -> dict:
+    """With the plugin: a LoRA it gives no rank runs as without it, rank 2 on the full export
+    equals vLLM on the rank-2 export, rank 0 equals no LoRA."""
+    summary: dict = {}
+    ok = True
+    for key, lora_id, want in (
+        ("plugin_no_rank_equals_vllm", "2", "export_full"),
+        ("plugin_rank2_equals_vllm_rank2_export", "4", "export_r2"),
+        ("plugin_rank0_equals_vllm_base", "5", "base"),
+    ):
+        match = [g["tokens"] == w["tokens"] for g, w in zip(plug[lora_id], got[want], strict=True)]
+        gap = logprob_gap(plug[lora_id], got[want])
+        summary[key] = {"tokens_match": match, "max_abs_logprob_diff": gap}
+        ok &= all(match) and gap < 1e-4
+    summary["plugin_base_equals_vllm_base"] = [
+        g["tokens"] == w["tokens"] for g, w in zip(plug["0"], got["base"], strict=True)
+    ]
+    ok &= all(summary["plugin_base_equals_vllm_base"])
+    summary["ok"] = bool(ok)
+    return summary
 
 
 def compare(ref: dict, got: dict) -> dict:
@@ -163,11 +208,7 @@ def compare(ref: dict, got: dict) -> dict:
     summary["export_full_max_abs_logprob_diff_vs_original_peft"] = worst
     ok &= worst < 1e-4
     # the same, both under vLLM (one engine, one kernel path): what the export alone changes
-    same_engine = 0.0
-    for g, o in zip(got["export_full"], got["original"], strict=True):
-        for d, do in zip(g["logprobs"], o["logprobs"], strict=True):
-            for t in d.keys() & do.keys():
-                same_engine = max(same_engine, abs(d[t] - do[t]))
+    same_engine = logprob_gap(got["export_full"], got["original"])
     summary["export_full_max_abs_logprob_diff_vs_original_vllm"] = same_engine
     ok &= same_engine < 1e-4
     cut_differs = [a["tokens"] != b["tokens"] for a, b in zip(ref["export_r2"], ref["original"], strict=True)]
@@ -184,16 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-side", type=Path, help=argparse.SUPPRESS)  # internal: run the vLLM half
     args = p.parse_args(argv)
     if args.vllm_side is not None:
-        return vllm_side(args.vllm_side)
+        return vllm_side(args.vllm_side, plugin=bool(os.environ.get(RANKS_ENV)))
     if args.vllm_python is None or not args.vllm_python.exists():
         p.error(f"--vllm-python: {args.vllm_python} does not exist (build it with scripts/vllm_env.sh)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(work)
         ref = peft_greedy(work)
-        env_cmd = [str(args.vllm_python), __file__, "--vllm-side", str(work)]
-        subprocess.run(env_cmd, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        summary = compare(ref, json.loads((work / "vllm.json").read_text()))
+        side = [str(args.vllm_python), __file__, "--vllm-side", str(work)]
+        env = {k: v for k, v in os.environ.items() if k != RANKS_ENV} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+        subprocess.run(side, check=True, env=env)
+        got = json.loads((work / "vllm.json").read_text())
+        summary = compare(ref, got)
+        ranks = {str(i): r for i, (_, r) in PLUGIN_RUNS.items() if r is not None}
+        subprocess.run(side, check=True, env=env | {RANKS_ENV: json.dumps(ranks)})
+        plugin = compare_plugin(got, json.loads((work / "vllm_plugin.json").read_text()))
+        summary["ok"] = summary["ok"] and plugin.pop("ok")
+        summary["plugin"] = plugin
     print(json.dumps(summary, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,59 @@
+"""chunkwise inside vLLM: a ``vllm.general_plugins`` entry point (first piece of issue 14's plugin).
+
+vLLM calls :func:`register` in every one of its processes before it builds its LoRA punica
+wrapper. When ``CHUNKWISE_VLLM_RANKS`` is set (a JSON object: vLLM ``lora_int_id`` → rank),
+:func:`register` points the CPU platform's punica wrapper at
+:class:`chunkwise.vllm.punica.RankMaskPunicaCPU`, which multiplies the shrink's output by a
+rank-prefix mask before the expand: every token of that LoRA runs at that rank. On a folder
+written by ``RankLadder.to_peft`` the rank-k prefix is the best rank-k truncation. Without the
+variable, or with a vLLM built for another platform, vLLM behaves exactly as without the plugin.
+Not yet: per-token ranks from the chunkwise scheduler (docs/architecture.md, "The vLLM plugin").
+
+May import: ``chunkwise.errors``; vLLM and torch, inside functions (vLLM is not a dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import ConfigError
+
+__all__ = ["RANKS_ENV", "ranks_from_env", "register"]
+
+#: The environment variable holding the rank of each LoRA (JSON: {"<lora_int_id>": rank}).
+RANKS_ENV = "CHUNKWISE_VLLM_RANKS"
+
+_WRAPPER = "chunkwise.vllm.punica.RankMaskPunicaCPU"
+
+
+def ranks_from_env() -> dict[int, int]:
+    """The ranks of ``CHUNKWISE_VLLM_RANKS`` by LoRA id ({} when unset); a malformed value is a
+    :class:`ConfigError` naming it."""
+    raw = os.environ.get(RANKS_ENV)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{RANKS_ENV}: not JSON ({e}): {raw[:80]!r}", RANKS_ENV) from None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{RANKS_ENV}: expected a JSON object of lora_int_id -> rank, got {raw[:80]!r}", RANKS_ENV
+        )
+    out = {}
+    for k, v in value.items():
+        if not (isinstance(k, str) and k.isdigit()) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{RANKS_ENV}: entry {k!r}: {v!r} is not a lora_int_id -> rank >= 0", RANKS_ENV)
+        out[int(k)] = v
+    return out
+
+
+def register() -> None:
+    """The entry point: installs the rank-mask wrapper on vLLM's CPU platform when
+    ``CHUNKWISE_VLLM_RANKS`` is set (checked here, so a bad value fails vLLM's start)."""
+    if not ranks_from_env():
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: _WRAPPER)
