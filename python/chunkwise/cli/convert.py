@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         )
     ladder = RankLadder.from_peft(args.adapter)
     if args.peft_out is not None:
-        ladder.check_rank(ladder.max_rank if args.rank is None else args.rank)  # before writing anything
+        rank = ladder.max_rank if args.rank is None else ladder.check_rank(args.rank)  # before any write
         if args.peft_out.resolve() == args.adapter.resolve():
             raise AdapterError("--peft-out: is the adapter folder itself; choose another folder", "peft_out")
     out = ladder.save(args.out if args.out is not None else args.adapter)
@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
         k *= 2
     print(f"{ladder.max_rank:>4}  {100 * ladder.energy(ladder.max_rank):6.2f} %")
     if args.peft_out is not None:
-        rank = ladder.max_rank if args.rank is None else args.rank
         ladder.to_peft(args.peft_out, args.rank, overwrite=args.force)
         print(
             f"PEFT LoRA folder, rank {rank} ({100 * ladder.energy(rank):.2f} % of the update energy) "

@@ -24,30 +24,41 @@ class RankMaskPunicaCPU(PunicaWrapperCPU):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ranks = ranks_from_env()
-        self._slot_rank = torch.zeros(0, dtype=torch.long)
+        self._token_rank: torch.Tensor | None = None  # [tokens] of this step; None: no mask
+        self._keep: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (r, dtype) -> [tokens, r]
 
     def update_metadata(
         self, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kwargs: Any
     ) -> None:
+        """vLLM's metadata, then this step's rank per token (once per step, not per layer)."""
         super().update_metadata(mapping, lora_index_to_id, *args, **kwargs)
-        full = torch.iinfo(torch.long).max
-        self._slot_rank = torch.tensor(
-            [self._ranks.get(i, full) if i is not None else full for i in lora_index_to_id], dtype=torch.long
+        full = torch.iinfo(torch.long).max  # a LoRA without a rank, or no LoRA: nothing masked
+        slot_rank = torch.tensor(
+            [self._ranks.get(i, full) if i is not None else full for i in lora_index_to_id]
         )
+        slots = self._token_lora_indices[: len(mapping.index_mapping)].to("cpu")
+        self._token_rank = slot_rank[slots.clamp_min(0)] if len(slot_rank) else None
+        self._keep.clear()
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
-        slots = self._token_lora_indices[: x.shape[0]].to("cpu")
-        rank = (
-            self._slot_rank[slots.clamp_min(0)]
-            if self._slot_rank.numel()
-            else torch.full_like(slots, 1 << 62)
-        )
-        keep = torch.arange(x.shape[-1])[None, :] < rank[:, None]
-        return x * keep.to(device=x.device, dtype=x.dtype)
+        """``x`` [tokens, r] (the shrink's fp32 scratch buffer) with the columns at or above each
+        token's rank zeroed, in place; the 0/1 mask is built once per step, rank width and dtype."""
+        if self._token_rank is None:
+            return x
+        n, r = x.shape
+        keep = self._keep.get((r, x.dtype))
+        if keep is None:
+            keep = torch.arange(r)[None, :] < self._token_rank[:, None]
+            keep = self._keep[(r, x.dtype)] = keep.to(device=x.device, dtype=x.dtype)
+        m = min(n, keep.shape[0])  # rows past the step's tokens (padding) are left as they are
+        x[:m].mul_(keep[:m])
+        return x
 
     def add_expand(self, y: torch.Tensor, x: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(x, torch.Tensor):
-            x = self._mask(x) if x.ndim == 2 else torch.stack([self._mask(s) for s in x])
+            for s in x if x.ndim == 3 else (x,):
+                self._mask(s)
         else:
-            x = tuple(self._mask(s) for s in x)
+            for s in x:
+                self._mask(s)
         super().add_expand(y, x, *args, **kwargs)
