@@ -1,13 +1,15 @@
-"""chunkwise inside vLLM: a ``vllm.general_plugins`` entry point (first piece of issue 14's plugin).
+"""chunkwise inside vLLM: a ``vllm.general_plugins`` entry point (issue 14's plugin).
 
 vLLM calls :func:`register` in every one of its processes before it builds its LoRA punica
-wrapper. When ``CHUNKWISE_VLLM_RANKS`` is set (a JSON object: vLLM ``lora_int_id`` → rank),
-:func:`register` points the CPU platform's punica wrapper at
-:class:`chunkwise.vllm.punica.RankMaskPunicaCPU`, which multiplies the shrink's output by a
-rank-prefix mask before the expand: every token of that LoRA runs at that rank. On a folder
-written by ``RankLadder.to_peft`` the rank-k prefix is the best rank-k truncation. Without the
-variable, or with a vLLM built for another platform, vLLM behaves exactly as without the plugin.
-Not yet: per-token ranks from the chunkwise scheduler (docs/architecture.md, "The vLLM plugin").
+wrapper. When ``CHUNKWISE_VLLM_RANKS`` is set (a JSON object: vLLM ``lora_int_id`` → rank; ``{}``
+runs every LoRA at its full rank), :func:`register` points the CPU platform's punica wrapper at
+:class:`chunkwise.vllm.punica.RankPrefixPunicaCPU`: the tokens of a step are grouped by LoRA and
+rank once, and each group runs two matmuls on its LoRA's rank prefix
+(:mod:`chunkwise.vllm.lora_ops`) instead of vLLM's CPU ops, which copy every token's whole
+weight. On a folder written by ``RankLadder.to_peft`` the rank-k prefix is the best rank-k
+truncation. Without the variable, or with a vLLM built for another platform, vLLM behaves
+exactly as without the plugin. Not yet: per-token ranks from the chunkwise scheduler
+(docs/architecture.md, "The vLLM plugin").
 
 May import: ``chunkwise.errors``; vLLM and torch, inside functions (vLLM is not a dependency).
 """
@@ -24,7 +26,7 @@ __all__ = ["RANKS_ENV", "ranks_from_env", "register"]
 #: The environment variable holding the rank of each LoRA (JSON: {"<lora_int_id>": rank}).
 RANKS_ENV = "CHUNKWISE_VLLM_RANKS"
 
-_WRAPPER = "chunkwise.vllm.punica.RankMaskPunicaCPU"
+_WRAPPER = "chunkwise.vllm.punica.RankPrefixPunicaCPU"
 
 
 def ranks_from_env() -> dict[int, int]:
@@ -51,9 +53,11 @@ def ranks_from_env() -> dict[int, int]:
 
 def register() -> None:
     """The entry point: installs the rank-mask wrapper on vLLM's CPU platform when
-    ``CHUNKWISE_VLLM_RANKS`` is set (checked here, so a bad value fails vLLM's start)."""
-    if not ranks_from_env():
+    ``CHUNKWISE_VLLM_RANKS`` is set, ``{}`` included (checked here, so a bad value fails vLLM's
+    start)."""
+    if not os.environ.get(RANKS_ENV):
         return
+    ranks_from_env()
     from vllm.platforms.cpu import CpuPlatform
 
     CpuPlatform.get_punica_wrapper = classmethod(lambda cls: _WRAPPER)
