@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chunkwise.vllm import RANKS_ENV
+from chunkwise.vllm import RANKS_ENV, SCHEDULER_ENV, TRACE_ENV
 
 PROMPTS = ["The quick brown fox jumps over", "Hello, my name is", "Rome was founded in"]
 N_TOKENS = 16
@@ -122,8 +122,93 @@ def peft_greedy(work: Path) -> dict:
     return out
 
 
+def chunkwise_scheduled(work: Path) -> list[dict]:
+    """chunkwise.generate on the full export's ladder under :data:`SCHEDULER`, each prompt alone:
+    greedy tokens, the prompt's ranks and the rank of each generated token that is run."""
+    import chunkwise as cw
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = LlamaForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+    sched = cw.Scheduler(
+        cw.SchedulerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in SCHEDULER.items()})
+    )
+    cwm = cw.inject(model, cw.RankLadder.from_peft(work / "export_full"), sched)
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        res = cw.generate(cwm, ids, torch.ones_like(ids), max_new_tokens=N_TOKENS, prefill_chunk=None)
+        out.append(
+            {
+                "ids": ids[0].tolist(),
+                "tokens": res.new_tokens[0].tolist(),
+                # the last token is sampled, never run
+                "ranks": res.prefill_token_ranks.reshape(-1).tolist() + res.ranks[0, :-1].tolist(),
+            }
+        )
+    return out
+
+
+def vllm_scheduler_side(work: Path) -> int:
+    """Runs in vLLM's environment with the plugin's scheduler on (``CHUNKWISE_VLLM_SCHEDULER``,
+    ranks traced to ``CHUNKWISE_VLLM_TRACE``): the prompts of work/scheduled.json in one batch on
+    the full export, greedy, written to work/vllm_scheduler.json."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    ref = json.loads((work / "scheduled.json").read_text())
+    llm = LLM(
+        model=str(work / "model"),
+        enable_lora=True,
+        max_lora_rank=64,
+        max_loras=1,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=4,
+    )
+    sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=N_LOGPROBS)
+    request = LoRARequest("export_full", 1, str(work / "export_full"))
+    prompts = [TokensPrompt(prompt_token_ids=r["ids"]) for r in ref]
+    outs = llm.generate(prompts, sp, lora_request=request)
+    (work / "vllm_scheduler.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    return 0
+
+
+def compare_scheduler(ref: list[dict], tokens: list[list[int]], trace: list[dict]) -> dict:
+    """vLLM with the plugin's scheduler against chunkwise.generate: each prompt's greedy tokens
+    and the rank of every token run (the prompt's, then each generated one), from the trace."""
+    runs: dict[str, list[int]] = {}
+    for line in trace:  # a request's lines come in position order
+        runs.setdefault(line["req"], []).extend(line["rank"])
+    # a request's trace ends with the prompt and N_TOKENS - 1 generated tokens; warm-up
+    # requests (vLLM's own) have other lengths
+    ours = [r for r in runs.values() if len(r) in {len(x["ids"]) + N_TOKENS - 1 for x in ref}]
+    summary: dict = {"tokens_match": [a == b["tokens"] for a, b in zip(tokens, ref, strict=True)]}
+    summary["ranks_match"] = [any(r == x["ranks"] for r in ours) for x in ref]
+    summary["ranks_used"] = sorted({v for x in ref for v in x["ranks"]})
+    summary["ok"] = (
+        all(summary["tokens_match"]) and all(summary["ranks_match"]) and len(summary["ranks_used"]) > 2
+    )
+    return summary
+
+
 #: the plugin run: LoRA id -> (folder, rank the plugin gives it; None: not in its table)
 PLUGIN_RUNS = {2: ("export_full", None), 4: ("export_full", 2), 5: ("export_full", 0)}
+#: the scheduler run: short chunks on a 1-token grid and thresholds where this random model's
+#: difficulty lies, so ranks 8, 2 and 0 and cross-fades between them all occur within 16 tokens;
+#: rungs above a module's rank (v_proj 4, one down_proj 2) are clamped to it, as chunkwise does
+SCHEDULER = {
+    "rungs": [0, 2, 4, 8],
+    "thresholds": [0.74, 0.78, 0.82],
+    "hysteresis": 0.01,
+    "min_len": 2,
+    "max_len": 16,
+    "granularity": 1,
+    "crossfade": 2,
+}
 #: the plugin's mixed batch: (prompt index, LoRA id or 0 for none) per request, in one generate
 MIXED = [(0, 2), (1, 4), (2, 5), (0, 0), (1, 2), (2, 4), (0, 5), (1, 0)]
 
@@ -284,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-side", type=Path, help=argparse.SUPPRESS)  # internal: run the vLLM half
     args = p.parse_args(argv)
     if args.vllm_side is not None:
+        if os.environ.get(SCHEDULER_ENV):
+            return vllm_scheduler_side(args.vllm_side)
         return vllm_side(args.vllm_side, plugin=bool(os.environ.get(RANKS_ENV)))
     if args.vllm_python is None or not args.vllm_python.exists():
         p.error(f"--vllm-python: {args.vllm_python} does not exist (build it with scripts/vllm_env.sh)")
@@ -292,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         build(work)
         ref = peft_greedy(work)
         side = [str(args.vllm_python), __file__, "--vllm-side", str(work)]
-        env = {k: v for k, v in os.environ.items() if k != RANKS_ENV} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+        ours = (RANKS_ENV, SCHEDULER_ENV, TRACE_ENV)
+        env = {k: v for k, v in os.environ.items() if k not in ours} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
         subprocess.run(side, check=True, env=env)
         got = json.loads((work / "vllm.json").read_text())
         summary = compare(ref, got)
@@ -301,6 +389,18 @@ def main(argv: list[str] | None = None) -> int:
         plugin = compare_plugin(got, json.loads((work / "vllm_plugin.json").read_text()), ref)
         summary["ok"] = summary["ok"] and plugin.pop("ok")
         summary["plugin"] = plugin
+        scheduled = chunkwise_scheduled(work)
+        (work / "scheduled.json").write_text(json.dumps(scheduled))
+        trace = work / "trace.jsonl"
+        on = {SCHEDULER_ENV: json.dumps(SCHEDULER), TRACE_ENV: str(trace)}
+        subprocess.run(side, check=True, env=env | on)
+        sched = compare_scheduler(
+            scheduled,
+            json.loads((work / "vllm_scheduler.json").read_text()),
+            [json.loads(x) for x in trace.read_text().splitlines()],
+        )
+        summary["ok"] = summary["ok"] and sched.pop("ok")
+        summary["plugin_scheduler_equals_chunkwise_generate"] = sched
     print(json.dumps(summary, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

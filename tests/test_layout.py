@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": BOTTOM,
     "kernels": BOTTOM,
     "kv": BOTTOM,
-    "vllm": BOTTOM,
+    "vllm": BOTTOM | {"schedule"},
     "assets": BOTTOM | {"adapters"},
     "nn": BOTTOM | {"schedule", "adapters", "kernels", "kv"},
     "generation": BOTTOM | {"schedule", "nn", "kv"},

@@ -4,9 +4,10 @@ scripts/vllm_export_check.py runs the wrapper inside vLLM."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from chunkwise.vllm.lora_ops import expand, group_tokens, live_rank, shrink
+from chunkwise.vllm.lora_ops import expand, group_tokens, live_rank, pack, shrink
 
 MAX_LORAS, R, IN, OUTS = 3, 8, 12, (5, 7)
 
@@ -43,17 +44,25 @@ def _reference(x, a_all, b_all, slots, ranks, scale, y0):
     return y
 
 
-def _run(x, a_all, b_all, groups, scale, y0, caps=None, add_inputs=True):
+def _run(x, a_all, b_all, groups, scale, y0, caps=None, add_inputs=True, packed=False, gates=None):
+    """Shrink then expand of every slice, as vLLM's add_lora_linear; ``packed``: through
+    lora_ops.pack (one gather and one scatter per layer)."""
+    perm = None
+    if packed:
+        perm, groups = pack(groups)
+        if perm is not None and gates is not None:
+            gates = gates.index_select(0, perm)
     y = y0.clone()
     offset = 0
     for a, b, out in zip(a_all, b_all, OUTS, strict=True):
         h = torch.full((x.shape[0], R), float("nan"))  # shrink must overwrite every row
-        shrink(h, x, a, groups, scale, caps)
-        expand(y, h, b, groups, offset, out, add_inputs, caps)
+        shrink(h, x, a, groups, scale, caps, gates, perm)
+        expand(y, h, b, groups, offset, out, add_inputs, caps, perm)
         offset += out
     return y
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("four_d", [True, False])
 @pytest.mark.parametrize(
     "slots, ranks",
@@ -64,7 +73,7 @@ def _run(x, a_all, b_all, groups, scale, y0, caps=None, add_inputs=True):
         ([-1] * 8, [8] * 8),  # no LoRA at all
     ],
 )
-def test_groups_match_the_per_token_reference(four_d, slots, ranks):
+def test_groups_match_the_per_token_reference(four_d, slots, ranks, packed):
     a_all, b_all = _weights(four_d)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(len(slots), IN, generator=g)
@@ -72,12 +81,12 @@ def test_groups_match_the_per_token_reference(four_d, slots, ranks):
     slots_t, ranks_t = torch.tensor(slots), torch.tensor(ranks)
     groups = group_tokens(slots_t, ranks_t)
     want = _reference(x, a_all, b_all, slots_t, ranks_t, 0.7, y0)
-    got = _run(x, a_all, b_all, groups, 0.7, y0)
+    got = _run(x, a_all, b_all, groups, 0.7, y0, packed=packed)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     # capped at each LoRA's live rank (the zero padding skipped): the same output
     caps = {s: live_rank(a_all[0], s, 0) for s in range(MAX_LORAS)}
     assert caps == {0: 8, 1: 5, 2: 8}
-    capped = _run(x, a_all, b_all, groups, 0.7, y0, caps)
+    capped = _run(x, a_all, b_all, groups, 0.7, y0, caps, packed=packed)
     torch.testing.assert_close(capped.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -88,6 +97,49 @@ def test_groups_are_slices_when_consecutive_and_skip_idle_tokens():
     assert by_key[(1, 8)] == slice(2, 4)
     assert torch.equal(by_key[(0, 4)], torch.tensor([0, 1, 4]))
     assert group_tokens(torch.tensor([-1, -1]), torch.tensor([8, 8])) == []
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gates_weigh_each_token_and_direction(packed):
+    """The cross-fade gates (chunkwise.schedule.gate_matrix) against the float64 reference with
+    the gate applied per token and direction."""
+    from chunkwise.schedule import gate_matrix
+
+    a_all, b_all = _weights(True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, IN, generator=g)
+    y0 = torch.randn(6, sum(OUTS), generator=g)
+    slots = torch.tensor([0, 1, 0, 1, 2, 0])
+    rank = np.array([8, 6, 8, 4, 5, 2], np.int32)
+    lo = np.array([4, 6, 2, 4, 3, 2], np.int32)
+    g_lo = np.array([0.5, 1.0, 0.25, 1.0, 0.8, 1.0], np.float32)
+    g_hi = np.array([0.3, 1.0, 0.75, 1.0, 0.1, 1.0], np.float32)
+    scale = np.array([1.0, 2.0, 1.0, 1.0, 0.5, 1.0], np.float32)
+    gates = torch.from_numpy(gate_matrix(rank, lo, g_lo, g_hi, scale, R))
+    groups = group_tokens(slots, torch.from_numpy(rank.astype(np.int64)))
+    got = _run(x, a_all, b_all, groups, 1.0, y0, packed=packed, gates=gates)
+    want = y0.double().clone()
+    offset = 0
+    for a, b, out in zip(a_all, b_all, OUTS, strict=True):
+        for t in range(6):
+            s = int(slots[t])
+            h = gates[t].double() * (a[s, 0].double() @ x[t].double())
+            want[t, offset : offset + out] += b[s, 0].double() @ h
+        offset += out
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_lays_groups_end_to_end():
+    groups = group_tokens(torch.tensor([0, 1, 0, 1, -1, 2, 2]), torch.tensor([4, 8, 4, 8, 8, 2, 2]))
+    perm, packed = pack(groups)
+    assert perm is not None
+    assert sorted(perm.tolist()) == [0, 1, 2, 3, 5, 6]  # every grouped row once, no idle row
+    for g, p in zip(groups, packed, strict=True):
+        rows = g.rows if isinstance(g.rows, torch.Tensor) else torch.arange(g.rows.start, g.rows.stop)
+        assert (p.slot, p.rank) == (g.slot, g.rank)
+        assert torch.equal(perm[p.rows], rows)
+    consecutive = group_tokens(torch.tensor([0, 0, 1]), torch.tensor([4, 4, 4]))
+    assert pack(consecutive) == (None, consecutive)
 
 
 def test_expand_without_add_inputs_overwrites_its_block():

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import InputError
 from ..kernels.segments import DecodeSegments, StepDecisions, TokenArrays
+from ..schedule import gate_matrix
 
 if TYPE_CHECKING:
     from ..kernels import KernelSegments
@@ -65,15 +66,6 @@ def _span(rows: np.ndarray) -> tuple[int, int] | None:
     if last - first + 1 == rows.size and (rows.size == 1 or bool((np.diff(rows) == 1).all())):
         return first, last + 1
     return None
-
-
-def _gate_matrix(
-    rank: np.ndarray, lo: np.ndarray, gate_lo: np.ndarray, gate_hi: np.ndarray, scale: np.ndarray, r_max: int
-) -> np.ndarray:
-    """``G[t, j]`` of the module docstring for j < r_max (float32)."""
-    j = np.arange(r_max)[None, :]
-    band = np.where(j < lo[:, None], gate_lo[:, None], gate_hi[:, None])
-    return (np.where(j < rank[:, None], band, 0.0) * scale[:, None]).astype(np.float32)
 
 
 def _uniform(
@@ -229,7 +221,7 @@ class TokenPlan:
                 common = _uniform(*parts)
                 gates = None
                 if common is None:
-                    gates = torch.from_numpy(_gate_matrix(*parts, r_max)).to(device=device, dtype=dtype)
+                    gates = torch.from_numpy(gate_matrix(*parts, r_max)).to(device=device, dtype=dtype)
                 blocks.append(
                     AdapterBlock(int(adapter), index, gates, r_max, sub, 1.0 if common is None else common)
                 )
@@ -350,7 +342,6 @@ class DecodePlan:
         self.batch = len(self.adapters)
         self.top_rank = int(top_rank)
         self._host = np.zeros((self.batch, self.top_rank), np.float32)
-        self._j = np.arange(self.top_rank)[None, :]
         self._dev = torch.zeros((self.batch, self.top_rank), device=device, dtype=dtype)
         self._shares_memory = torch.device(device).type == "cpu" and dtype == torch.float32
         if self._shares_memory:
@@ -379,9 +370,7 @@ class DecodePlan:
             _uniform(rank[rows], lo[rows], g_lo[rows], g_hi[rows], sc[rows]) for _, rows, _, _ in self._groups
         ]
         if any(u is None for u in uniform):
-            j = self._j
-            band = np.where(j < lo[:, None], g_lo[:, None], g_hi[:, None])
-            np.multiply(np.where(j < rank[:, None], band, 0.0), sc[:, None], out=self._host)
+            gate_matrix(rank, lo, g_lo, g_hi, sc, self.top_rank, out=self._host)
             if not self._shares_memory:
                 self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
         for block, (_, rows, span, index), common in zip(

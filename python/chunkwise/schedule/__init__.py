@@ -5,7 +5,7 @@ May import: ``chunkwise._core``, ``chunkwise.errors``.
 """
 
 from .config import DEFAULT_RUNGS, SchedulerConfig, rungs_for
-from .plan import PLAN_ARRAYS, Plan
+from .plan import PLAN_ARRAYS, Plan, gate_matrix
 from .scheduler import DecodeBatch, Scheduler
 from .signals import entropy_from_logits, surprisal_from_logits
 
@@ -17,6 +17,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "entropy_from_logits",
+    "gate_matrix",
     "rungs_for",
     "surprisal_from_logits",
 ]

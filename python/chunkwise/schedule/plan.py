@@ -13,7 +13,30 @@ from ..errors import InputError
 if TYPE_CHECKING:  # the scheduler runs without torch; only to_torch needs it
     import torch
 
-__all__ = ["Plan", "PLAN_ARRAYS"]
+__all__ = ["Plan", "PLAN_ARRAYS", "gate_matrix"]
+
+
+def gate_matrix(
+    rank: np.ndarray,
+    lo: np.ndarray,
+    gate_lo: np.ndarray,
+    gate_hi: np.ndarray,
+    scale: np.ndarray,
+    r_max: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The per-token gate on singular directions j < ``r_max`` (float32 [tokens, r_max]):
+    ``G[t, j] = scale_t · (gate_lo_t if j < lo_t, gate_hi_t if j < rank_t, else 0)``, the
+    cross-fade of docs/architecture.md §4 in one matrix; a token's LoRA update is
+    ``B'[:, :r] ((A'[:r] x) ⊙ G[t])``. ``out``: a float32 [tokens, r_max] array written in place
+    (decode steps reuse one)."""
+    j = np.arange(r_max)[None, :]
+    band = np.where(j < lo[:, None], gate_lo[:, None], gate_hi[:, None])
+    if out is None:
+        out = np.empty((len(rank), r_max), np.float32)
+    np.multiply(np.where(j < rank[:, None], band, 0.0), scale[:, None], out=out)
+    return out
+
 
 #: Names of the arrays of a plan, in the order the Rust core returns them (its ``PLAN_ARRAYS``;
 #: the fields of :class:`Plan` below repeat them with their types, and a test ties the two).

@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["TokenGroup", "expand", "group_tokens", "live_rank", "shrink"]
+__all__ = ["TokenGroup", "expand", "group_tokens", "live_rank", "pack", "shrink"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,22 @@ def group_tokens(slots: torch.Tensor, ranks: torch.Tensor) -> list[TokenGroup]:
     return groups
 
 
+def pack(groups: list[TokenGroup]) -> tuple[torch.Tensor | None, list[TokenGroup]]:
+    """``(perm, packed)``: when some group's rows are scattered (requests of one LoRA apart in the
+    batch), ``perm`` lists every group's rows one group after another and ``packed`` gives each
+    group as a slice of ``perm``, so a layer gathers its input once and scatters once instead of
+    once per group; ``(None, groups)`` when every group is a slice already."""
+    if all(isinstance(g.rows, slice) for g in groups):
+        return None, groups
+    parts, packed, start = [], [], 0
+    for g in groups:
+        rows = g.rows if isinstance(g.rows, torch.Tensor) else torch.arange(g.rows.start, g.rows.stop)
+        parts.append(rows)
+        packed.append(TokenGroup(g.slot, g.rank, slice(start, start + len(rows))))
+        start += len(rows)
+    return torch.cat(parts), packed
+
+
 def _matrix(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     """One slot's 2-D weight out of vLLM's stacked [max_loras, (1,) a, b] tensor."""
     w = stacked[slot]
@@ -75,11 +91,20 @@ def shrink(
     groups: list[TokenGroup],
     scale: float,
     rank_cap: dict[int, int] | None = None,
+    gates: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
 ) -> None:
     """``out`` [tokens, R] = ``scale · x[rows] @ A[slot, :r]ᵀ`` for each group's rows (columns at or
     above r zero), every other row zero; in ``out``'s dtype. ``rank_cap`` (slot -> rank) caps a
-    group's rank at its LoRA's live rank in this layer."""
+    group's rank at its LoRA's live rank in this layer. ``gates`` [tokens, >= every group's rank]
+    (``chunkwise.schedule.gate_matrix``: cross-fades and rung scales) multiply the result.
+    With ``perm`` (:func:`pack`), the groups' rows and the gates' rows are positions in ``perm``."""
     out.zero_()
+    if perm is not None:
+        packed = out.new_zeros(len(perm), out.shape[1])
+        shrink(packed, x.index_select(0, perm), a, groups, scale, rank_cap, gates)
+        out.index_copy_(0, perm, packed)
+        return
     for g in groups:
         r = min(g.rank, out.shape[1], (rank_cap or {}).get(g.slot, g.rank))
         if r <= 0:
@@ -88,6 +113,8 @@ def shrink(
         h = torch.mm(x[g.rows].to(out.dtype), w.T)
         if scale != 1.0:
             h.mul_(scale)
+        if gates is not None:
+            h.mul_(gates[g.rows, :r])
         out[g.rows, :r] = h
 
 
@@ -100,12 +127,19 @@ def expand(
     size: int,
     add_inputs: bool = True,
     rank_cap: dict[int, int] | None = None,
+    perm: torch.Tensor | None = None,
 ) -> None:
     """``y[rows, offset : offset + size] += h[rows, :r] @ B[slot, :, :r]ᵀ`` per group, in ``y``'s
-    dtype (``add_inputs=False``: that block of ``y`` is overwritten, zero for rows of no group)."""
+    dtype (``add_inputs=False``: that block of ``y`` is overwritten, zero for rows of no group).
+    With ``perm`` (:func:`pack`), the groups' rows are positions in ``perm``."""
     block = y[:, offset : offset + size]
     if not add_inputs:
         block.zero_()
+    if perm is not None:
+        packed = y.new_zeros(len(perm), size)
+        expand(packed, h.index_select(0, perm), b, groups, 0, size, True, rank_cap)
+        block.index_add_(0, perm, packed)
+        return
     for g in groups:
         r = min(g.rank, h.shape[1], (rank_cap or {}).get(g.slot, g.rank))
         if r <= 0:
