@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from chunkwise import ConfigError
-from chunkwise.vllm import RANKS_ENV, ranks_from_env, register
+from chunkwise.vllm import RANKS_ENV, SCHEDULER_ENV, ranks_from_env, register
 
 
 def test_ranks_are_read_by_lora_id(monkeypatch):
@@ -27,8 +27,26 @@ def test_a_malformed_table_is_refused_by_name(monkeypatch, raw):
         register()  # a bad value stops vLLM's start instead of running at full rank
 
 
+def test_a_bad_scheduler_setting_stops_vllm_before_it_is_touched(monkeypatch):
+    monkeypatch.delenv(RANKS_ENV, raising=False)
+    monkeypatch.setenv(SCHEDULER_ENV, '{"rungs": [0, 4], "mode": "nonsense"}')
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing vLLM would raise ImportError
+    with pytest.raises(ConfigError, match=SCHEDULER_ENV):
+        register()
+
+
+def test_either_setting_turns_the_plugin_on(monkeypatch):
+    """With only the scheduler set, register reaches for vLLM (here: blocked, so ImportError)."""
+    monkeypatch.delenv(RANKS_ENV, raising=False)
+    monkeypatch.setenv(SCHEDULER_ENV, "{}")
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError):
+        register()
+
+
 def test_without_the_table_the_plugin_does_nothing(monkeypatch):
     monkeypatch.delenv(RANKS_ENV, raising=False)
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
     monkeypatch.setitem(sys.modules, "vllm", None)  # importing vLLM would raise
     assert ranks_from_env() == {}
     register()

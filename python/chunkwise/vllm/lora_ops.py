@@ -68,6 +68,12 @@ def pack(groups: list[TokenGroup]) -> tuple[torch.Tensor | None, list[TokenGroup
     return torch.cat(parts), packed
 
 
+def _rank(g: TokenGroup, width: int, rank_cap: dict[int, int] | None) -> int:
+    """The rank group ``g`` runs at in a layer: its own, within the buffer's ``width`` and its
+    LoRA's live rank there."""
+    return min(g.rank, width, g.rank if rank_cap is None else rank_cap.get(g.slot, g.rank))
+
+
 def _matrix(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     """One slot's 2-D weight out of vLLM's stacked [max_loras, (1,) a, b] tensor."""
     w = stacked[slot]
@@ -106,7 +112,7 @@ def shrink(
         out.index_copy_(0, perm, packed)
         return
     for g in groups:
-        r = min(g.rank, out.shape[1], (rank_cap or {}).get(g.slot, g.rank))
+        r = _rank(g, out.shape[1], rank_cap)
         if r <= 0:
             continue
         w = _matrix(a, g.slot)[:r].to(out.dtype)
@@ -141,7 +147,7 @@ def expand(
         block.index_add_(0, perm, packed)
         return
     for g in groups:
-        r = min(g.rank, h.shape[1], (rank_cap or {}).get(g.slot, g.rank))
+        r = _rank(g, h.shape[1], rank_cap)
         if r <= 0:
             continue
         w = _matrix(b, g.slot)[:size, :r].to(y.dtype)
