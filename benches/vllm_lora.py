@@ -13,7 +13,10 @@ same process:
 - ``vllm``: vLLM's own CPU LoRA path (no plugin);
 - ``chunkwise_full``: the plugin with every LoRA at its full rank (``CHUNKWISE_VLLM_RANKS='{}'``):
   the same arithmetic as vLLM's, grouped by LoRA instead of token by token;
-- ``chunkwise_half``: the plugin at rank 32 of 64 (mean rank 50 %) for every token.
+- ``chunkwise_half``: the plugin at rank 32 of 64 (mean rank 50 %) for every token;
+- ``chunkwise_sched``: the plugin with the chunkwise scheduler choosing each token's rank
+  (``CHUNKWISE_VLLM_SCHEDULER``, target mean rank 32 per prompt, decode by the logits' entropy
+  and surprisal); the mean ranks it ran are read back from its trace.
 
 Rows: one adapter (all 16 requests on LoRA 1) and eight (request i on LoRA 1 + i % 8). Per row:
 prefill (a 1-token generation), decode ms per step (the rest of a full generation over its
@@ -35,15 +38,20 @@ import tempfile
 import time
 from pathlib import Path
 
-RANKS_ENV = "CHUNKWISE_VLLM_RANKS"  # chunkwise.vllm.RANKS_ENV (not imported: the worker side
-# runs in vLLM's environment, where importing chunkwise.vllm would register nothing new)
+# chunkwise.vllm's variables (not imported: the driver stays light, the worker runs in vLLM's env)
+RANKS_ENV, SCHEDULER_ENV, TRACE_ENV = (
+    "CHUNKWISE_VLLM_RANKS",
+    "CHUNKWISE_VLLM_SCHEDULER",
+    "CHUNKWISE_VLLM_TRACE",
+)
 N_ADAPTERS, REQUESTS, PROMPT_TOKENS, TOP_RANK = 8, 16, 64, 64
 
-#: process -> the rank table it runs with (None: no plugin)
-PROCESSES: dict[str, dict[str, int] | None] = {
-    "vllm": None,
-    "chunkwise_full": {},
-    "chunkwise_half": {str(i): TOP_RANK // 2 for i in range(1, N_ADAPTERS + 1)},
+#: process -> the plugin's settings it runs with (none: vLLM alone)
+PROCESSES: dict[str, dict[str, str]] = {
+    "vllm": {},
+    "chunkwise_full": {RANKS_ENV: "{}"},
+    "chunkwise_half": {RANKS_ENV: json.dumps({str(i): TOP_RANK // 2 for i in range(1, N_ADAPTERS + 1)})},
+    "chunkwise_sched": {SCHEDULER_ENV: json.dumps({"mode": "target", "target_mean_rank": TOP_RANK // 2})},
 }
 #: row -> the LoRA id of each request (0: none)
 ROWS = {
@@ -102,10 +110,15 @@ def worker(work: Path, name: str, rounds: int, new: int) -> int:
         outs = llm.generate(prompts, sp, lora_request=requests(ids), use_tqdm=False)
         return time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in outs]
 
+    trace = os.environ.get(TRACE_ENV)
     times: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "generate": []} for r in ROWS}
     tokens: dict[str, list] = {}
+    mean_rank: dict[str, dict[str, float]] = {}
     for row, ids in ROWS.items():  # warm-up (loads every LoRA into its slot)
+        start = os.path.getsize(trace) if trace and os.path.exists(trace) else 0
         tokens[row] = timed(ids, new)[1]
+        if trace and row != "base":
+            mean_rank[row] = _mean_ranks(Path(trace), start)
     for _ in range(rounds):
         for row, ids in ROWS.items():
             times[row]["prefill"].append(timed(ids, 1)[0])
@@ -119,8 +132,24 @@ def worker(work: Path, name: str, rounds: int, new: int) -> int:
             "tokens_per_s": REQUESTS * new / g,
             "tokens": tokens[row],
         }
+        if row in mean_rank:
+            result["rows"][row]["mean_rank"] = mean_rank[row]
     (work / f"{name}.json").write_text(json.dumps(result))
     return 0
+
+
+def _mean_ranks(trace: Path, start: int) -> dict[str, float]:
+    """Mean scheduler rank of the prompt tokens and of the generated tokens run, from the trace
+    lines written after byte ``start`` (one generation's steps)."""
+    with trace.open("rb") as f:
+        f.seek(start)
+        lines = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+    prompt = [r for x in lines if x["start"] < PROMPT_TOKENS for r in x["rank"]]
+    decode = [r for x in lines if x["start"] >= PROMPT_TOKENS for r in x["rank"]]
+    return {
+        "prefill": round(sum(prompt) / max(len(prompt), 1), 2),
+        "decode": round(sum(decode) / max(len(decode), 1), 2),
+    }
 
 
 def _agreement(a: list, b: list) -> float:
@@ -136,7 +165,7 @@ def summarise(runs: dict[str, dict]) -> dict:
         base = run["rows"]["base"]
         rows = {}
         for row, r in run["rows"].items():
-            rows[row] = {k: round(v, 2) for k, v in r.items() if k != "tokens"}
+            rows[row] = {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items() if k != "tokens"}
             if row != "base":
                 rows[row]["prefill_x_base"] = round(r["prefill_ms"] / base["prefill_ms"], 3)
                 rows[row]["decode_x_base"] = round(r["decode_ms_per_step"] / base["decode_ms_per_step"], 3)
@@ -176,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(work)
-        env = {k: v for k, v in os.environ.items() if k != RANKS_ENV} | {"VLLM_CPU_KVCACHE_SPACE": "2"}
-        for name, table in PROCESSES.items():
-            print(f"== {name}: vLLM{'' if table is None else ' + chunkwise plugin ' + json.dumps(table)}")
+        ours = (RANKS_ENV, SCHEDULER_ENV, TRACE_ENV)
+        env = {k: v for k, v in os.environ.items() if k not in ours} | {"VLLM_CPU_KVCACHE_SPACE": "2"}
+        for name, settings in PROCESSES.items():
+            print(f"== {name}: vLLM{' + chunkwise plugin ' + json.dumps(settings) if settings else ''}")
             cmd = [str(args.vllm_python), "-m", "benches.vllm_lora", "--worker", str(work), name]
             cmd += ["--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens)]
-            extra = {} if table is None else {RANKS_ENV: json.dumps(table)}
+            extra = settings | ({TRACE_ENV: str(work / f"{name}.trace")} if SCHEDULER_ENV in settings else {})
             subprocess.run(cmd, check=True, env=env | extra, cwd=Path(__file__).resolve().parent.parent)
             runs[name] = json.loads((work / f"{name}.json").read_text())
     summary = summarise(runs)

@@ -117,6 +117,27 @@ def test_chunked_prefill_and_a_changing_batch_give_each_request_its_own_decision
     assert not np.array_equal(decode["a"], decode["b"]), "the requests should decode at other ranks"
 
 
+def test_requests_without_a_lora_are_not_planned_and_do_not_disturb_the_others():
+    reqs = {"a": Request(7, 24, 10), "b": Request(8, 16, 10)}
+    ranks = RequestRanks(_scheduler())
+    width = 40
+    table = np.zeros((2, width), np.int32)
+    table[0, :34], table[1, :26] = reqs["a"].ids, reqs["b"].ids
+    active = np.array([True, False])
+    out = ranks.step(["a", "b"], table, np.array([0, 0]), np.array([24, 16]), np.array([24, 16]), active)
+    assert out.rank[24:].tolist() == [0] * 16  # b: no LoRA, nothing planned, nothing to weigh
+    assert (out.scale[24:] == 1).all() and (out.gate_lo[24:] == 1).all() and (out.gate_hi[24:] == 1).all()
+    got = [out.rank[:24]]
+    for k in range(10):
+        ranks.record_logits(np.stack([reqs["a"].logits[k], reqs["b"].logits[k]]))
+        out = ranks.step(
+            ["a", "b"], table, np.array([24 + k, 16 + k]), np.array([1, 1]), np.array([24, 16]), active
+        )
+        assert out.rank[1] == 0
+        got.append(out.rank[:1])
+    np.testing.assert_array_equal(np.concatenate(got), reqs["a"].alone(_scheduler())["rank"][:34])
+
+
 def test_a_request_seen_again_beyond_its_plan_is_planned_over_its_tokens():
     """A preempted request recomputed as one chunk (prompt and outputs) is planned over them all
     (ids only), then decodes on."""

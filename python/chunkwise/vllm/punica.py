@@ -155,12 +155,14 @@ def hook_model_runner() -> None:
         n = input_batch.num_reqs
         if ranks is None or n == 0:
             return out
+        with_lora = input_batch.request_lora_mapping[:n] > 0  # the others pay nothing
         step = ranks.step(
             list(input_batch.req_ids[:n]),
             input_batch.token_ids_cpu,
             input_batch.num_computed_tokens_cpu[:n],
             np.asarray(num_scheduled_tokens)[:n],
             input_batch.num_prompt_tokens[:n],
+            with_lora,
         )
         for wrapper in list(_WRAPPERS):
             wrapper.set_step(step)

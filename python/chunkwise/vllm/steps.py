@@ -108,10 +108,12 @@ class RequestRanks:
         starts: np.ndarray,
         counts: np.ndarray,
         prompt_lens: np.ndarray,
+        active: np.ndarray | None = None,
     ) -> StepRanks:
         """The decisions for one step: request ``req_ids[i]`` (row i of ``token_ids``, all its
         tokens so far) runs its ``counts[i]`` tokens from position ``starts[i]``; its prompt is
-        ``prompt_lens[i]`` tokens long."""
+        ``prompt_lens[i]`` tokens long. ``active[i]`` false (a request without a LoRA): not
+        planned nor tracked, its tokens get rank 0 (default: every request active)."""
         n = len(req_ids)
         if not (len(starts) >= n and len(counts) >= n and len(prompt_lens) >= n and len(token_ids) >= n):
             raise InputError(f"req_ids: {n} requests but shorter per-request arrays", "req_ids")
@@ -119,9 +121,13 @@ class RequestRanks:
         live: dict[str, _Request] = {}
         lines = []
         for i, rid in enumerate(req_ids):
+            s, c, p = int(starts[i]), int(counts[i]), int(prompt_lens[i])
+            if active is not None and not active[i]:
+                for k in _FIELDS:  # rank 0, gates and scale 1: nothing to weigh
+                    parts[k].append(np.zeros(c) if k in ("rank", "lo") else np.ones(c))
+                continue
             state = self._requests.get(rid) or _Request()
             live[rid] = state
-            s, c, p = int(starts[i]), int(counts[i]), int(prompt_lens[i])
             planned = len(state.arrays.get("rank", ()))
             if c == 1 and s >= p and planned >= p > 0 and s >= planned:  # a decode step
                 got = self._decode(state, int(token_ids[i, s]))
@@ -153,14 +159,13 @@ class RequestRanks:
         its order): each row's entropy, and the row itself for the surprisal of the token it
         picks, wait for that request's next step. Rows that do not line up with the last step's
         requests (a warm-up, speculative rows) are ignored."""
-        if logits.ndim != 2 or logits.shape[0] != len(self._order) or not self._order:
+        if logits.ndim != 2 or logits.shape[0] != len(self._order) or not self._requests:
             return
-        rows = np.ascontiguousarray(logits, dtype=np.float32)
+        mine = [(i, self._requests[rid]) for i, rid in enumerate(self._order) if rid in self._requests]
+        rows = np.ascontiguousarray(logits[[i for i, _ in mine]], dtype=np.float32)
         entropy = entropy_from_logits(rows)
-        for i, rid in enumerate(self._order):
-            state = self._requests.get(rid)
-            if state is not None:
-                state.pending = (float(entropy[i]), rows[i].copy())
+        for k, (_, state) in enumerate(mine):
+            state.pending = (float(entropy[k]), rows[k])
 
 
 def scheduler_from_env() -> Scheduler | None:
