@@ -17,4 +17,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
 else
     "$VENV/bin/pip" install -q --no-deps --force-reinstall . || exit 1  # this checkout's chunkwise
 fi
-timeout 600 python scripts/vllm_export_check.py --vllm-python "$VENV/bin/python"
+timeout 900 python scripts/vllm_export_check.py --vllm-python "$VENV/bin/python" --tp 2

@@ -3,7 +3,7 @@
 PEFT does: end to end on vLLM's CPU build, with a tiny random Llama (no download).
 
     bash scripts/vllm_env.sh .venv-vllm                          # once, ~1.5 min
-    python scripts/vllm_export_check.py --vllm-python .venv-vllm/bin/python [--json out.json]
+    python scripts/vllm_export_check.py --vllm-python .venv-vllm/bin/python [--tp 2] [--json out.json]
 
 The chunkwise side (this interpreter) builds the model and a PEFT adapter with mixed ranks
 (rank_pattern, alpha_pattern, rsLoRA), converts it to a ladder, writes the ladder as a PEFT
@@ -17,7 +17,12 @@ plugin (``CHUNKWISE_VLLM_RANKS``, :mod:`chunkwise.vllm`): the full export at plu
 vLLM's output on the rank-2 export, at rank 0 the base model's, and with no rank given vLLM's
 own; and one batch mixing those LoRAs, ranks and no LoRA gives each request what it gave alone
 (plugin checks: equal tokens, log-probabilities as close to PEFT's as vLLM's own, see
-:func:`compare_plugin`). PEFT, the oracle, runs in float64. Exit 0 when all hold, 1 otherwise.
+:func:`compare_plugin`). PEFT, the oracle, runs in float64. Then with the plugin's scheduler
+(``CHUNKWISE_VLLM_SCHEDULER`` = :data:`SCHEDULER`, ranks traced): the three prompts in one vLLM
+batch give ``chunkwise.generate``'s greedy tokens for each prompt alone and the same rank for every
+token run. With ``--tp 2`` the plugin and scheduler runs are repeated at tensor-parallel size 2
+(one core per rank) and must give the single-process tokens (log-probabilities within 1e-4 of the
+step's scale) and the same ranks in every worker. Exit 0 when all hold, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from chunkwise.vllm import RANKS_ENV, SCHEDULER_ENV, TRACE_ENV
 
@@ -150,47 +156,80 @@ def chunkwise_scheduled(work: Path) -> list[dict]:
     return out
 
 
-def vllm_scheduler_side(work: Path) -> int:
-    """Runs in vLLM's environment with the plugin's scheduler on (``CHUNKWISE_VLLM_SCHEDULER``,
-    ranks traced to ``CHUNKWISE_VLLM_TRACE``): the prompts of work/scheduled.json in one batch on
-    the full export, greedy, written to work/vllm_scheduler.json."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
+#: internal: the tensor-parallel size the vLLM side runs at (``--tp``)
+TP_ENV = "CHUNKWISE_CHECK_TP"
 
-    ref = json.loads((work / "scheduled.json").read_text())
-    llm = LLM(
+
+def _tp() -> int:
+    return int(os.environ.get(TP_ENV, "1"))
+
+
+def _suffix() -> str:
+    """The result files of a tensor-parallel run get their own names."""
+    return "" if _tp() == 1 else f"_tp{_tp()}"
+
+
+def _llm(work: Path, max_loras: int) -> Any:
+    """vLLM on the tiny model, fp32, eager, at the tensor-parallel size of :func:`_tp`."""
+    from vllm import LLM
+
+    tp = {} if _tp() == 1 else {"tensor_parallel_size": _tp(), "distributed_executor_backend": "mp"}
+    return LLM(
         model=str(work / "model"),
         enable_lora=True,
         max_lora_rank=64,
-        max_loras=1,
+        max_loras=max_loras,
         enforce_eager=True,
         dtype="float32",
         max_model_len=256,
         max_num_seqs=4,
+        **tp,
     )
+
+
+def vllm_scheduler_side(work: Path) -> int:
+    """Runs in vLLM's environment with the plugin's scheduler on (``CHUNKWISE_VLLM_SCHEDULER``,
+    ranks traced to ``CHUNKWISE_VLLM_TRACE``): the prompts of work/scheduled.json in one batch on
+    the full export, greedy, written to work/vllm_scheduler.json."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    ref = json.loads((work / "scheduled.json").read_text())
+    llm = _llm(work, 1)
     sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=N_LOGPROBS)
     request = LoRARequest("export_full", 1, str(work / "export_full"))
     prompts = [TokensPrompt(prompt_token_ids=r["ids"]) for r in ref]
     outs = llm.generate(prompts, sp, lora_request=request)
-    (work / "vllm_scheduler.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    (work / f"vllm_scheduler{_suffix()}.json").write_text(
+        json.dumps([list(o.outputs[0].token_ids) for o in outs])
+    )
     return 0
 
 
 def compare_scheduler(ref: list[dict], tokens: list[list[int]], trace: list[dict]) -> dict:
     """vLLM with the plugin's scheduler against chunkwise.generate: each prompt's greedy tokens
     and the rank of every token run (the prompt's, then each generated one), from the trace."""
+    # each worker process writes its own lines (one per tensor-parallel rank): they must agree
+    steps: dict[tuple[str, int], list[list[int]]] = {}
+    for line in trace:
+        steps.setdefault((line["req"], line["start"]), []).append(line["rank"])
+    agree = all(all(r == seen[0] for r in seen) for seen in steps.values())
     runs: dict[str, list[int]] = {}
-    for line in trace:  # a request's lines come in position order
-        runs.setdefault(line["req"], []).extend(line["rank"])
+    for (req, _), seen in sorted(steps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        runs.setdefault(req, []).extend(seen[0])
     # a request's trace ends with the prompt and N_TOKENS - 1 generated tokens; warm-up
     # requests (vLLM's own) have other lengths
     ours = [r for r in runs.values() if len(r) in {len(x["ids"]) + N_TOKENS - 1 for x in ref}]
     summary: dict = {"tokens_match": [a == b["tokens"] for a, b in zip(tokens, ref, strict=True)]}
     summary["ranks_match"] = [any(r == x["ranks"] for r in ours) for x in ref]
     summary["ranks_used"] = sorted({v for x in ref for v in x["ranks"]})
+    summary["workers_agree"] = agree
     summary["ok"] = (
-        all(summary["tokens_match"]) and all(summary["ranks_match"]) and len(summary["ranks_used"]) > 2
+        all(summary["tokens_match"])
+        and all(summary["ranks_match"])
+        and len(summary["ranks_used"]) > 2
+        and agree
     )
     return summary
 
@@ -217,21 +256,12 @@ def vllm_side(work: Path, plugin: bool) -> int:
     """Runs in vLLM's environment: greedy generation without LoRA and per LoRA, written to
     work/vllm.json, or with the chunkwise plugin's rank table (:data:`PLUGIN_RUNS`) to
     work/vllm_plugin.json."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     runs = {i: (folder, None) for i, folder in enumerate(FOLDERS, start=1)} if not plugin else PLUGIN_RUNS
     t0 = time.perf_counter()
-    llm = LLM(
-        model=str(work / "model"),
-        enable_lora=True,
-        max_lora_rank=64,
-        max_loras=len(runs),
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=4,
-    )
+    llm = _llm(work, len(runs))
     load_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=N_LOGPROBS)
     result: dict = {"load_s": load_s}
@@ -257,7 +287,7 @@ def vllm_side(work: Path, plugin: bool) -> int:
             }
             for o in outs
         ]
-    (work / ("vllm_plugin.json" if plugin else "vllm.json")).write_text(json.dumps(result))
+    (work / (f"vllm_plugin{_suffix()}.json" if plugin else "vllm.json")).write_text(json.dumps(result))
     return 0
 
 
@@ -366,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-python", type=Path, help="vLLM environment's python (scripts/vllm_env.sh)")
     p.add_argument("--json", type=Path, help="write the summary here too")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="also run the plugin's checks at this tensor-parallel size (vLLM's mp executor, one "
+        "core per rank) against its own single-process results (default: 1, not run)",
+    )
     p.add_argument("--vllm-side", type=Path, help=argparse.SUPPRESS)  # internal: run the vLLM half
     args = p.parse_args(argv)
     if args.vllm_side is not None:
@@ -401,6 +438,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary["ok"] = summary["ok"] and sched.pop("ok")
         summary["plugin_scheduler_equals_chunkwise_generate"] = sched
+        if args.tp > 1:
+            cores = "|".join(str(i % (os.cpu_count() or 1)) for i in range(args.tp))  # a core per rank
+            tp_env = env | {TP_ENV: str(args.tp), "VLLM_CPU_OMP_THREADS_BIND": cores}
+            subprocess.run(side, check=True, env=tp_env | {RANKS_ENV: json.dumps(ranks)})
+            subprocess.run(side, check=True, env=tp_env | on | {TRACE_ENV: str(work / "trace_tp.jsonl")})
+            one = json.loads((work / "vllm_plugin.json").read_text())
+            many = json.loads((work / f"vllm_plugin_tp{args.tp}.json").read_text())
+            tp_sum: dict = {}
+            for key in [*(str(i) for i in PLUGIN_RUNS), "mixed"]:
+                match = [a["tokens"] == b["tokens"] for a, b in zip(many[key], one[key], strict=True)]
+                tp_sum[key] = {
+                    "tokens_match": match,
+                    "max_rel_logprob_diff": relative_gap(many[key], one[key]),
+                }
+                summary["ok"] = summary["ok"] and all(match) and tp_sum[key]["max_rel_logprob_diff"] < 1e-4
+            tp_sched = compare_scheduler(
+                scheduled,
+                json.loads((work / f"vllm_scheduler_tp{args.tp}.json").read_text()),
+                [json.loads(x) for x in (work / "trace_tp.jsonl").read_text().splitlines()],
+            )
+            summary["ok"] = summary["ok"] and tp_sched.pop("ok")
+            tp_sum["scheduler_equals_chunkwise_generate"] = tp_sched
+            summary[f"plugin_tp{args.tp}_equals_tp1"] = tp_sum
     print(json.dumps(summary, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from chunkwise.vllm.lora_ops import expand, group_tokens, live_rank, pack, shrink
+from chunkwise.schedule import gate_matrix
+from chunkwise.vllm.lora_ops import expand, group_tokens, live_rank, pack, shrink, uniform
 
 MAX_LORAS, R, IN, OUTS = 3, 8, 12, (5, 7)
 
@@ -42,6 +43,13 @@ def _reference(x, a_all, b_all, slots, ranks, scale, y0):
             y[t, offset : offset + out] += bb @ (scale * (aa @ x[t].double()))
         offset += out
     return y
+
+
+def _rank_gates(ranks) -> torch.Tensor:
+    """The gate matrix of per-token ranks alone (no cross-fade, scale 1)."""
+    r = np.asarray(ranks, np.int32)
+    one = np.ones(len(r), np.float32)
+    return torch.from_numpy(gate_matrix(r, r, one, one, one, R))
 
 
 def _run(x, a_all, b_all, groups, scale, y0, caps=None, add_inputs=True, packed=False, gates=None):
@@ -80,22 +88,27 @@ def test_groups_match_the_per_token_reference(four_d, slots, ranks, packed):
     y0 = torch.randn(len(slots), sum(OUTS), generator=g)
     slots_t, ranks_t = torch.tensor(slots), torch.tensor(ranks)
     groups = group_tokens(slots_t, ranks_t)
+    # tokens below their LoRA group's rank: zero past their own (the wrapper's job)
+    gates = None if uniform(groups, ranks_t) else _rank_gates(ranks)
     want = _reference(x, a_all, b_all, slots_t, ranks_t, 0.7, y0)
-    got = _run(x, a_all, b_all, groups, 0.7, y0, packed=packed)
+    got = _run(x, a_all, b_all, groups, 0.7, y0, packed=packed, gates=gates)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     # capped at each LoRA's live rank (the zero padding skipped): the same output
     caps = {s: live_rank(a_all[0], s, 0) for s in range(MAX_LORAS)}
     assert caps == {0: 8, 1: 5, 2: 8}
-    capped = _run(x, a_all, b_all, groups, 0.7, y0, caps, packed=packed)
+    capped = _run(x, a_all, b_all, groups, 0.7, y0, caps, packed=packed, gates=gates)
     torch.testing.assert_close(capped.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_groups_are_slices_when_consecutive_and_skip_idle_tokens():
-    groups = group_tokens(torch.tensor([0, 0, 1, 1, 0, -1, 2]), torch.tensor([4, 4, 8, 8, 4, 8, 0]))
+    ranks = torch.tensor([4, 4, 8, 8, 2, 8, 0])
+    groups = group_tokens(torch.tensor([0, 0, 1, 1, 0, -1, 2]), ranks)
     by_key = {(g.slot, g.rank): g.rows for g in groups}
-    assert set(by_key) == {(0, 4), (1, 8)}  # slot -1 and rank 0 are nobody's
-    assert by_key[(1, 8)] == slice(2, 4)
+    assert set(by_key) == {(0, 4), (1, 8)}  # one group per LoRA at its largest rank; slot -1
+    assert by_key[(1, 8)] == slice(2, 4)  # and rank 0 are nobody's
     assert torch.equal(by_key[(0, 4)], torch.tensor([0, 1, 4]))
+    assert not uniform(groups, ranks)  # token 4 runs at 2 in a rank-4 group: it needs gates
+    assert uniform(groups, torch.tensor([4, 4, 8, 8, 4, 8, 0]))
     assert group_tokens(torch.tensor([-1, -1]), torch.tensor([8, 8])) == []
 
 
@@ -130,7 +143,7 @@ def test_gates_weigh_each_token_and_direction(packed):
 
 
 def test_pack_lays_groups_end_to_end():
-    groups = group_tokens(torch.tensor([0, 1, 0, 1, -1, 2, 2]), torch.tensor([4, 8, 4, 8, 8, 2, 2]))
+    groups = group_tokens(torch.tensor([0, 1, 0, 1, -1, 2, 2]), torch.tensor([4, 8, 4, 8, 8, 2, 1]))
     perm, packed = pack(groups)
     assert perm is not None
     assert sorted(perm.tolist()) == [0, 1, 2, 3, 5, 6]  # every grouped row once, no idle row
@@ -171,7 +184,7 @@ def test_group_order_does_not_change_a_token():
     x = torch.randn(6, IN, generator=g)
     y0 = torch.zeros(6, sum(OUTS))
     slots, ranks = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([8, 3, 5, 2, 5, 8])
-    batch = _run(x, a_all, b_all, group_tokens(slots, ranks), 1.0, y0)
+    batch = _run(x, a_all, b_all, group_tokens(slots, ranks), 1.0, y0, gates=_rank_gates(ranks))
     for t in range(6):
         one = group_tokens(slots[t : t + 1], ranks[t : t + 1])
         alone = _run(x[t : t + 1], a_all, b_all, one, 1.0, y0[:1])

@@ -4,10 +4,11 @@ tested against a float64 reference in chunkwise's own environment).
 vLLM's CPU punica ops (``vllm/lora/ops/torch_ops``) gather each token's whole ``[out, max_rank]``
 weight (``lora_b_weights[token_indices]``, a copy per token and module) and contract with
 ``einsum``: at 512 prefill tokens of a 1536-wide module that is 200 MB copied per module. Here
-the tokens of a batch are grouped once per step (:func:`group_tokens`: by LoRA slot and rank,
-a slice when consecutive), and each group is two plain matmuls on its LoRA's **rank prefix**
-(``x[rows] @ A[slot, :r]ᵀ``, then ``@ B[slot, :, :r]ᵀ``): the weights are read once per group
-and only up to the rank its tokens run at. Tokens of no LoRA (slot -1) are left alone.
+the tokens of a batch are grouped once per step (:func:`group_tokens`: by LoRA slot, a slice
+when consecutive), and each group is two plain matmuls on its LoRA's **rank prefix**
+(``x[rows] @ A[slot, :r]ᵀ``, then ``@ B[slot, :, :r]ᵀ``, r the largest rank among its tokens,
+a gate matrix zeroing each token's columns past its own rank): the weights are read once per
+group and only up to that rank. Tokens of no LoRA (slot -1) are left alone.
 
 Shapes follow vLLM's stacked tensors: ``A`` [max_loras, 1, R, in], ``B`` [max_loras, 1, out, R]
 (a leading 4-D or a 3-D ``[max_loras, R, in]`` both work), the shrink buffer [tokens, R] in float32.
@@ -19,7 +20,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["TokenGroup", "expand", "group_tokens", "live_rank", "pack", "shrink"]
+__all__ = ["TokenGroup", "expand", "group_tokens", "live_rank", "pack", "shrink", "uniform"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,23 +34,31 @@ class TokenGroup:
 
 
 def group_tokens(slots: torch.Tensor, ranks: torch.Tensor) -> list[TokenGroup]:
-    """Groups a step's tokens by (LoRA slot, rank): ``slots`` [tokens] (-1: no LoRA) and ``ranks``
-    [tokens] (>= 0) on the CPU. Tokens without a LoRA or at rank 0 belong to no group (their
-    output is the base layer's)."""
+    """Groups a step's tokens by LoRA slot: ``slots`` [tokens] (-1: no LoRA) and ``ranks``
+    [tokens] (>= 0) on the CPU. A group runs at the largest rank of its tokens; tokens below it
+    need the gate matrix (``chunkwise.schedule.gate_matrix``, zero past each token's rank), as in
+    chunkwise's own layer: reading one LoRA's prefix once beats reading nested prefixes per rank
+    (a decode step is bound by those bytes). Tokens without a LoRA or at rank 0 belong to no
+    group (their output is the base layer's)."""
     slots = slots.to("cpu", torch.long)
     ranks = ranks.to("cpu", torch.long)
     live = (slots >= 0) & (ranks > 0)
     if not bool(live.any()):
         return []
-    # one key per (slot, rank) pair, in order of first appearance
-    key = torch.where(live, slots * (int(ranks.max()) + 1) + ranks, torch.full_like(slots, -1))
     groups = []
-    for k in torch.unique(key[live]).tolist():
-        rows = torch.nonzero(key == k).flatten()
+    for slot in torch.unique(slots[live]).tolist():
+        mine = live & (slots == slot)
+        rows = torch.nonzero(mine).flatten()
         first, last = int(rows[0]), int(rows[-1])
         where: slice | torch.Tensor = slice(first, last + 1) if last - first + 1 == len(rows) else rows
-        groups.append(TokenGroup(int(slots[first]), int(ranks[first]), where))
+        groups.append(TokenGroup(int(slot), int(ranks[mine].max()), where))
     return groups
+
+
+def uniform(groups: list[TokenGroup], ranks: torch.Tensor) -> bool:
+    """Whether every token of every group runs at its group's rank (no gate matrix needed for
+    the ranks alone)."""
+    return all(bool((ranks[g.rows] == g.rank).all()) for g in groups)
 
 
 def pack(groups: list[TokenGroup]) -> tuple[torch.Tensor | None, list[TokenGroup]]:

@@ -14,7 +14,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from ..schedule import gate_matrix
 from . import ranks_from_env
-from .lora_ops import TokenGroup, expand, group_tokens, live_rank, pack, shrink
+from .lora_ops import TokenGroup, expand, group_tokens, live_rank, pack, shrink, uniform
 from .steps import StepRanks, shared
 
 __all__ = ["RankPrefixPunicaCPU", "hook_model_runner"]
@@ -75,13 +75,17 @@ class RankPrefixPunicaCPU(PunicaWrapperCPU):
         )
         ranks = slot_rank[slots.clamp_min(0)]
         self._gates = None
+        groups = group_tokens(slots, ranks)
         if step is not None:
             ranks = torch.minimum(ranks, torch.from_numpy(step.rank.astype(np.int64)))
-            if step.gated():
-                width = max(int(step.rank.max()), 1)
-                g = gate_matrix(step.rank, step.lo, step.gate_lo, step.gate_hi, step.scale, width)
+            groups = group_tokens(slots, ranks)
+            if step.gated() or not uniform(groups, ranks):
+                rank = ranks.numpy().astype(np.int32)
+                width = max(int(rank.max()), 1)
+                lo = np.minimum(step.lo, rank)
+                g = gate_matrix(rank, lo, step.gate_lo, step.gate_hi, step.scale, width)
                 self._gates = torch.from_numpy(g)
-        self._perm, self._groups = pack(group_tokens(slots, ranks))
+        self._perm, self._groups = pack(groups)
         if self._perm is not None and self._gates is not None:
             self._gates = self._gates.index_select(0, self._perm)
         self._caps_of = {}
