@@ -31,7 +31,7 @@ import torch
 
 from ..errors import InputError
 from ..kernels.segments import DecodeSegments, StepDecisions, TokenArrays
-from ..schedule import gate_matrix
+from ..schedule import gate_matrix, gates_one
 
 if TYPE_CHECKING:
     from ..kernels import KernelSegments
@@ -76,7 +76,7 @@ def _uniform(
     if rank.size == 0:
         return 1.0
     r, s = rank[0], scale[0]
-    ones = ((lo <= 0) | (gate_lo == 1.0)) & ((lo >= rank) | (gate_hi == 1.0))
+    ones = gates_one(rank, lo, gate_lo, gate_hi)
     if bool((rank == r).all()) and bool((scale == s).all()) and bool(ones.all()):
         return float(s)
     return None

@@ -5,7 +5,7 @@ May import: ``chunkwise._core``, ``chunkwise.errors``.
 """
 
 from .config import DEFAULT_RUNGS, SchedulerConfig, rungs_for
-from .plan import PLAN_ARRAYS, Plan, gate_matrix
+from .plan import PLAN_ARRAYS, Plan, gate_matrix, gates_one
 from .scheduler import DecodeBatch, Scheduler
 from .signals import entropy_from_logits, surprisal_from_logits
 
@@ -18,6 +18,7 @@ __all__ = [
     "SchedulerConfig",
     "entropy_from_logits",
     "gate_matrix",
+    "gates_one",
     "rungs_for",
     "surprisal_from_logits",
 ]

@@ -13,7 +13,7 @@ from ..errors import InputError
 if TYPE_CHECKING:  # the scheduler runs without torch; only to_torch needs it
     import torch
 
-__all__ = ["Plan", "PLAN_ARRAYS", "gate_matrix"]
+__all__ = ["Plan", "PLAN_ARRAYS", "gate_matrix", "gates_one"]
 
 
 def gate_matrix(
@@ -36,6 +36,12 @@ def gate_matrix(
         out = np.empty((len(rank), r_max), np.float32)
     np.multiply(np.where(j < rank[:, None], band, 0.0), scale[:, None], out=out)
     return out
+
+
+def gates_one(rank: np.ndarray, lo: np.ndarray, gate_lo: np.ndarray, gate_hi: np.ndarray) -> np.ndarray:
+    """Per token, whether every gate it uses is 1 (no cross-fade): then :func:`gate_matrix`'s row
+    is its scale on its rank prefix and nothing else."""
+    return ((lo <= 0) | (gate_lo == 1.0)) & ((lo >= rank) | (gate_hi == 1.0))
 
 
 #: Names of the arrays of a plan, in the order the Rust core returns them (its ``PLAN_ARRAYS``;

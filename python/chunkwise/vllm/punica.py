@@ -75,10 +75,10 @@ class RankPrefixPunicaCPU(PunicaWrapperCPU):
         )
         ranks = slot_rank[slots.clamp_min(0)]
         self._gates = None
-        groups = group_tokens(slots, ranks)
         if step is not None:
             ranks = torch.minimum(ranks, torch.from_numpy(step.rank.astype(np.int64)))
-            groups = group_tokens(slots, ranks)
+        groups = group_tokens(slots, ranks)
+        if step is not None:
             if step.gated() or not uniform(groups, ranks):
                 rank = ranks.numpy().astype(np.int32)
                 width = max(int(rank.max()), 1)

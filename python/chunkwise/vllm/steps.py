@@ -20,7 +20,14 @@ from typing import TextIO
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..schedule import DecodeBatch, Scheduler, SchedulerConfig, entropy_from_logits, surprisal_from_logits
+from ..schedule import (
+    DecodeBatch,
+    Scheduler,
+    SchedulerConfig,
+    entropy_from_logits,
+    gates_one,
+    surprisal_from_logits,
+)
 
 __all__ = ["SCHEDULER_ENV", "TRACE_ENV", "RequestRanks", "StepRanks", "scheduler_from_env", "shared"]
 
@@ -50,7 +57,7 @@ class StepRanks:
 
     def gated(self) -> bool:
         """Whether any token's gates or scale differ from 1 (else a rank prefix says it all)."""
-        ones = ((self.lo <= 0) | (self.gate_lo == 1.0)) & ((self.lo >= self.rank) | (self.gate_hi == 1.0))
+        ones = gates_one(self.rank, self.lo, self.gate_lo, self.gate_hi)
         return not bool(ones.all() and (self.scale == 1.0).all())
 
 
