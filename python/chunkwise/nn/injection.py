@@ -184,7 +184,8 @@ class ChunkwiseModel:
             layer = ChunkwiseLinear(base, lambda: self._current, fold=self._fold)
             for i, lad in enumerate(self.ladders):
                 if name in lad.modules:
-                    layer.add_ladder(i, lad.modules[name])
+                    layer.add_ladder(i, lad.modules[name], stack=False)
+            layer.stack_ladders()  # several adapters on the CPU: one tensor per side, held once
             setattr(parent, child, layer)
             self._wrapped[name] = (parent, base)
         params = dict(self.model.named_parameters())

@@ -25,7 +25,7 @@ from torch import nn
 from .. import kernels
 from ..adapters.ladder import LadderModule, prefix_layout
 from ..errors import StateError
-from .token_plan import AdapterBlock, TokenPlan
+from .token_plan import AdapterBlock, GroupedPass, TokenPlan
 
 __all__ = ["FOLD_MAX_ROWS", "ChunkwiseLinear", "linear_shape"]
 
@@ -47,21 +47,47 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 class _Factors:
-    """One adapter's factors of one layer as plain attributes, with their rank-prefix views
-    cached per rank: the hot path makes no ``nn.Module`` attribute lookup and no slice."""
+    """One adapter's factors of one layer as plain attributes, with their rank-band views
+    cached: the hot path makes no ``nn.Module`` attribute lookup and no slice."""
 
     __slots__ = ("a", "b", "bias", "rank", "views")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, rank: int) -> None:
         self.a, self.b, self.bias, self.rank = a, b, bias, rank
-        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def prefix(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A'[:r]ᵀ, B'[:, :r]ᵀ)``: what the shrink and the expand multiply by."""
-        v = self.views.get(r)
+    def band(self, col: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A'[col:r]ᵀ, B'[:, col:r]ᵀ)``: what the shrink and the expand of singular directions
+        ``col <= j < r`` multiply by (``col`` 0: the rank-r prefix)."""
+        v = self.views.get((col, r))
         if v is None:
-            v = self.views[r] = (self.a[:r].T, self.b[:, :r].T)
+            v = self.views[col, r] = (self.a[col:r].T, self.b[:, col:r].T)
         return v
+
+
+class _Stack:
+    """The factors of adapters 0..n-1 of one CPU layer in one tensor per side, zero-padded to
+    the largest rank: ``a`` [n, R, in], ``bt`` [n, R, out] (B' transposed, rank rows
+    contiguous as ``prefix_layout`` keeps them). Each adapter's :class:`_Factors` are views of
+    it, so the grouped pass reads every adapter's rank prefix with one ``bmm``."""
+
+    __slots__ = ("a", "bt", "n")
+
+    def __init__(self, a: torch.Tensor, bt: torch.Tensor) -> None:
+        self.a, self.bt, self.n = a, bt, int(a.shape[0])
+
+    def weights(self, g: GroupedPass) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A' [n, rank, in], B'ᵀ [n, rank, out]) of the pass's entries, or None when one of
+        them is an adapter this layer does not have."""
+        c = g.rank
+        if g.first is not None:
+            if g.first + g.n > self.n:
+                return None
+            return self.a[g.first : g.first + g.n, :c], self.bt[g.first : g.first + g.n, :c]
+        if max(g.adapters) >= self.n:
+            return None
+        assert g.ids is not None
+        return self.a[:, :c].index_select(0, g.ids), self.bt[:, :c].index_select(0, g.ids)
 
 
 class _Fold:
@@ -175,6 +201,8 @@ class ChunkwiseLinear(nn.Module):
         self.in_features, self.out_features = shape
         self._plan_source = plan_source
         self._lad: dict[int, _Factors] = {}
+        self._sources: dict[int, LadderModule] = {}  # what add_ladder got: its tensors may be re-homed
+        self._stack: _Stack | None = None
         self._dtype: torch.dtype | None = None  # of every factor: the base weight's
         self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
         self._fold_enabled = fold
@@ -212,20 +240,58 @@ class ChunkwiseLinear(nn.Module):
         """Gives the base layer back its own weight (before it is unwrapped)."""
         self.fold = False
 
-    def add_ladder(self, adapter: int, ladder: LadderModule) -> None:
-        """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype)."""
+    def add_ladder(self, adapter: int, ladder: LadderModule, stack: bool = True) -> None:
+        """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype).
+        ``stack``: restack the adapters (and fold) at once (see :meth:`stack_ladders`); adding
+        several, pass False and call :meth:`stack_ladders` once after the last (until then the
+        layer computes the same outputs, unstacked and unfolded)."""
         w = self.base_layer.weight
         assert isinstance(w, torch.Tensor)
         a = ladder.a.to(device=w.device, dtype=w.dtype)
         b = prefix_layout(ladder.b.to(device=w.device, dtype=w.dtype))
         bias = None if ladder.bias is None else ladder.bias.to(device=w.device, dtype=w.dtype)
+        self._register(adapter, a, b, bias)
+        self._lad[adapter] = _Factors(a, b, bias, ladder.rank)
+        self._sources[adapter] = ladder
+        self._dtype = w.dtype
+        if stack:
+            self.stack_ladders()
+
+    def _register(self, adapter: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.register_buffer(f"ladder_a_{adapter}", a, persistent=False)
         self.register_buffer(f"ladder_b_{adapter}", b, persistent=False)
         self.register_buffer(f"ladder_bias_{adapter}", bias, persistent=False)
-        self._lad[adapter] = _Factors(a, b, bias, ladder.rank)
-        self._dtype = w.dtype
-        if self._fold is None or adapter < self._fold.adapter:
+
+    def stack_ladders(self) -> None:
+        """On the CPU, with adapters 0..n-1 (n >= 2) attached: copies their factors into one
+        zero-padded tensor per side, which the grouped pass reads with one ``bmm``
+        (:class:`~chunkwise.nn.token_plan.GroupedPass`); the layer's buffers, and the tensors of
+        the ladders it was given where it shared them, become views of it, so the factors are
+        still held once. Elsewhere, or with other adapters, it does nothing."""
+        self._stack = None
+        lads = self._lad
+        if len(lads) < 2 or set(lads) != set(range(len(lads))) or lads[0].a.device.type != "cpu":
             self._refold()
+            return
+        top = max(f.rank for f in lads.values())
+        ref = lads[0].a
+        a = ref.new_zeros((len(lads), top, self.in_features))
+        bt = ref.new_zeros((len(lads), top, self.out_features))
+        with torch.no_grad():
+            for i, f in lads.items():
+                a[i, : f.rank] = f.a
+                bt[i, : f.rank] = f.b.T
+        for i, f in list(lads.items()):
+            new = _Factors(a[i, : f.rank], bt[i, : f.rank].T, f.bias, f.rank)
+            src = self._sources.get(i)
+            if src is not None and src.a.data_ptr() == f.a.data_ptr():
+                src.a = new.a
+            if src is not None and src.b.data_ptr() == f.b.data_ptr():
+                src.b = new.b
+            self._register(i, new.a, new.b, f.bias)
+            lads[i] = new
+        self._stack = _Stack(a, bt)
+        self._refold()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()`` / ``.half()`` / ...: the buffers move, and the plain references follow."""
@@ -238,7 +304,7 @@ class ChunkwiseLinear(nn.Module):
         self._factors = None
         self._dtype = next(iter(self._lad.values())).a.dtype if self._lad else None
         self._fold = None  # the base layer's weight moved on its own: fold again
-        self._refold()
+        self.stack_ladders()  # the moved buffers into one stack again (or none off the CPU); folds
         return out
 
     def _lora_factors(self) -> kernels.LoraFactors:
@@ -298,27 +364,45 @@ class ChunkwiseLinear(nn.Module):
         return fold is not None and x.dtype == fold.dtype
 
     def _deltas(self, x2: torch.Tensor, y2: torch.Tensor, plan: TokenPlan) -> None:
-        """The torch path: every adapter block of the plan into ``y2``."""
-        for block in plan.blocks:
-            lad = self._lad.get(block.adapter)
-            if lad is not None:
-                self._block_delta(x2, y2, block, lad)
+        """The torch path: the plan's grouped pass when this layer has every adapter of it
+        stacked, else every adapter block of the plan, into ``y2``."""
+        g, stack = plan.grouped, self._stack
+        weights = None if g is None or stack is None else stack.weights(g)
+        if weights is None:
+            for block in plan.blocks:
+                lad = self._lad.get(block.adapter)
+                if lad is not None:
+                    self._block_delta(x2, y2, block, lad)
+            return
+        assert g is not None
+        if g.rank > 0:
+            xs = x2[g.start : g.stop].view(g.n, g.m, -1)
+            h = torch.bmm(xs, weights[0].transpose(1, 2))
+            if g.gates is not None:
+                h.mul_(g.gates)
+            y2[g.start : g.stop].view(g.n, g.m, -1).baddbmm_(h, weights[1], alpha=g.scale)
+        for block in g.extra:
+            self._block_delta(x2, y2, block, self._lad[block.adapter])
+        self._biases(y2, plan)
 
     @staticmethod
     def _block_delta(x2: torch.Tensor, y2: torch.Tensor, block: AdapterBlock, lad: _Factors) -> None:
-        """``y2[rows] += ((x2[rows] A'[:r]ᵀ) ⊙ G) B'[:, :r]ᵀ (+ bias)`` for one adapter block."""
-        r = min(block.max_rank, lad.rank)
+        """``y2[rows] += ((x2[rows] A'[col:r]ᵀ) ⊙ G) B'[:, col:r]ᵀ`` for one adapter block, plus
+        lora_B's bias unless the block is a band (``col`` > 0)."""
+        r, col = min(block.max_rank, lad.rank), block.col
         if block.span is not None:
             xs, ys = x2[block.span[0] : block.span[1]], y2[block.span[0] : block.span[1]]
         elif block.rows is None:
             xs, ys = x2, y2
         else:
             xs, ys = x2.index_select(0, block.rows), None
+        if col > 0 and r <= col:
+            return
         if r > 0:
-            a_t, b_t = lad.prefix(r)
+            a_t, b_t = lad.band(col, r)
             h = xs @ a_t
             if block.gates is not None:
-                h.mul_(block.gates if block.gates.shape[1] == r else block.gates[:, :r])
+                h.mul_(block.gates if block.gates.shape[1] == r - col else block.gates[:, : r - col])
             if ys is not None:
                 ys.addmm_(h, b_t, alpha=block.scale)
             else:
@@ -330,7 +414,7 @@ class ChunkwiseLinear(nn.Module):
                     out.add_(lad.bias)
                 y2.index_add_(0, block.rows, out)
                 return
-        if lad.bias is None:
+        if lad.bias is None or col > 0:
             return
         if ys is not None:
             ys.add_(lad.bias)
@@ -343,11 +427,18 @@ class ChunkwiseLinear(nn.Module):
         assert plan.segments is not None
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         kernels.lora_delta_cuda(x2, y2, self._lora_factors(), plan.segments)
-        for block in plan.blocks:  # lora_B biases (lora_bias=True) apply at every rung
+        self._biases(y2, plan)
+
+    def _biases(self, y2: torch.Tensor, plan: TokenPlan) -> None:
+        """lora_B's biases (``lora_bias=True``, at every rung) of every block's tokens, after a
+        path that computed the blocks' products without them."""
+        for block in plan.blocks:
             lad = self._lad.get(block.adapter)
             if lad is None or lad.bias is None:
                 continue
-            if block.rows is None:
+            if block.span is not None:
+                y2[block.span[0] : block.span[1]].add_(lad.bias)
+            elif block.rows is None:
                 y2.add_(lad.bias)
             else:
                 y2.index_add_(0, block.rows, lad.bias.expand(len(block.rows), -1))

@@ -17,6 +17,11 @@ once, in the layers' dtype. Everything a layer would otherwise redo per module i
 On CPU this beats rank-grouped gathers: the LoRA matmuls are a small share of the layer, the
 extra passes over x are not. The CUDA kernels skip the zero columns instead.
 
+When several adapters share a CPU forward and each owns one run of equal length of consecutive
+rows (a batch of equal-length prompts, one adapter per row; decode steps), :class:`GroupedPass`
+runs them all in one batched matmul pair at a common rank, the few tokens above it in band
+blocks: one ``bmm`` over n adapters costs a fraction of n pairs of small matmuls.
+
 :class:`DecodePlan` is the same for decode steps, with every buffer allocated once: each step
 rewrites the gates in place (the CPU twin of :class:`~chunkwise.kernels.DecodeSegments`).
 """
@@ -37,7 +42,7 @@ if TYPE_CHECKING:
     from ..kernels import KernelSegments
     from ..schedule import Plan
 
-__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "TokenPlan", "rank_runs"]
+__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "GroupedPass", "TokenPlan", "rank_runs"]
 
 
 @dataclasses.dataclass
@@ -45,9 +50,10 @@ class AdapterBlock:
     """The tokens of one adapter in one forward.
 
     ``rows``: their rows of the flattened input (None: every row, in order); ``span``: the same
-    rows as ``(start, stop)`` when they are consecutive; ``gates`` [n, max_rank] (None: every
-    token at ``max_rank``, gate 1, times ``scale``); ``max_rank``: the largest rank any of them
-    uses.
+    rows as ``(start, stop)`` when they are consecutive; ``gates`` [n, max_rank - col] (None:
+    every token at ``max_rank``, gate 1, times ``scale``); ``max_rank``: the largest rank any of
+    them uses. ``col`` > 0 makes it a band: only singular directions ``col <= j < max_rank``
+    (a :class:`GroupedPass` ran the ones below), and no lora_B bias.
     """
 
     adapter: int
@@ -56,6 +62,59 @@ class AdapterBlock:
     max_rank: int
     span: tuple[int, int] | None = None
     scale: float = 1.0
+    col: int = 0
+
+
+@dataclasses.dataclass
+class GroupedPass:
+    """Every adapter of a forward in one batched matmul pair (the CPU torch path).
+
+    Rows ``[start, start + n * m)`` are ``n`` entries of ``m`` consecutive rows, entry k all of
+    adapter ``adapters[k]`` (each adapter once); one ``bmm`` and one ``baddbmm`` add
+    ``((x A'[:rank]ᵀ) ⊙ G) B'[:, :rank]ᵀ`` of every entry's adapter, ``gates`` [n, m, rank]
+    (None: every token at ``rank``, gate 1, times ``scale``). The adapters' weights are a view of
+    the layer's stacked factors when ``adapters`` is ``first, first + 1, ...``, else gathered by
+    ``ids``. Tokens above ``rank`` get their remaining directions from the ``extra`` band blocks
+    (``col == rank``); lora_B biases are added per block of :attr:`TokenPlan.blocks`.
+    """
+
+    start: int
+    n: int
+    m: int
+    adapters: tuple[int, ...]
+    first: int | None
+    ids: torch.Tensor | None
+    rank: int = 0
+    gates: torch.Tensor | None = None
+    scale: float = 1.0
+    extra: list[AdapterBlock] = dataclasses.field(default_factory=list)
+
+    @property
+    def stop(self) -> int:
+        """One past the last row it covers."""
+        return self.start + self.n * self.m
+
+
+def _tiling(spans: list[tuple[int, tuple[int, int] | None]]) -> tuple[list[int], int, int] | None:
+    """For ``(adapter, span)`` of each adapter of a forward: ``(order, start, m)`` when there are
+    at least two, every span has the same length ``m`` and, taken in ``order`` (by start), they
+    follow each other from row ``start`` on; else None (no grouped pass)."""
+    if len(spans) < 2 or any(span is None for _, span in spans):
+        return None
+    order = sorted(range(len(spans)), key=lambda k: spans[k][1][0])  # type: ignore[index]
+    starts = [spans[k][1][0] for k in order]  # type: ignore[index]
+    m = spans[order[0]][1][1] - starts[0]  # type: ignore[index]
+    if m < 1 or any(spans[k][1] != (starts[0] + i * m, starts[0] + (i + 1) * m) for i, k in enumerate(order)):
+        return None
+    return order, starts[0], m
+
+
+def _entries(adapters: list[int], device: str | torch.device) -> tuple[int | None, torch.Tensor | None]:
+    """``(first, None)`` when the entries' adapters count up from ``first`` (their weights are a
+    view), else ``(None, ids)`` to gather them by."""
+    if adapters == list(range(adapters[0], adapters[0] + len(adapters))):
+        return adapters[0], None
+    return None, torch.tensor(adapters, dtype=torch.int64, device=device)
 
 
 def _span(rows: np.ndarray) -> tuple[int, int] | None:
@@ -169,6 +228,85 @@ def _token_pieces(
     return (plan.token_rank, plan.token_lo, plan.gate_lo, plan.gate_hi, scale, token_adapter, flat)
 
 
+def _block(
+    tokens: TokenArrays,
+    idx: np.ndarray,
+    adapter: int,
+    index: torch.Tensor | None,
+    span: tuple[int, int] | None,
+    col: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> AdapterBlock:
+    """The block of planned tokens ``idx`` (their gates from direction ``col`` on)."""
+    rank = tokens.rank[idx].astype(np.int64)
+    parts = (rank, tokens.lo[idx], tokens.gate_lo[idx], tokens.gate_hi[idx], tokens.scale[idx])
+    r_max = int(rank.max()) if rank.size else 0
+    common = _uniform(*parts)
+    gates = None
+    if common is None:
+        gates = torch.from_numpy(np.ascontiguousarray(gate_matrix(*parts, r_max)[:, col:]))
+        gates = gates.to(device=device, dtype=dtype)
+    return AdapterBlock(adapter, index, gates, r_max, span, 1.0 if common is None else common, col)
+
+
+def _grouped_prefill(
+    tokens: TokenArrays,
+    groups: list[tuple[int, np.ndarray, tuple[int, int] | None]],
+    blocks_cost: int,
+    block_cost: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> GroupedPass | None:
+    """The grouped pass of a forward whose adapters own equal runs of consecutive rows, at the
+    common rank that minimises ``block_cost + rows x rank`` plus the band blocks above it (the
+    cost :func:`rank_runs` counts); None when the layout does not allow one or ``blocks_cost``
+    (the plain blocks') is not higher."""
+    lay = _tiling([(adapter, span) for adapter, _, span in groups])
+    if lay is None:
+        return None
+    order, start, m = lay
+    sels = [groups[k][1] for k in order]
+    ranks = [tokens.rank[sel].astype(np.int64) for sel in sels]
+    best: tuple[int, int, list[tuple[int, int, int]]] | None = None
+    for c in np.unique(np.concatenate(ranks)):
+        if c <= 0:
+            continue
+        cost, bands = block_cost + len(sels) * m * int(c), []
+        for k, rank in enumerate(ranks):
+            above = np.maximum(rank - c, 0)
+            for a, b in rank_runs(above, block_cost):
+                top = int(above[a:b].max())
+                if top > 0:
+                    cost += block_cost + (b - a) * top
+                    bands.append((k, a, b))
+        if best is None or cost < best[0]:
+            best = (cost, int(c), bands)
+    if best is None or best[0] >= blocks_cost:
+        return None
+    _, c, bands = best
+    adapters = [groups[k][0] for k in order]
+    first, ids = _entries(adapters, device)
+    every = np.concatenate(sels)
+    rank = tokens.rank[every].astype(np.int64)
+    lo, gate_lo, gate_hi, scale = (
+        a[every] for a in (tokens.lo, tokens.gate_lo, tokens.gate_hi, tokens.scale)
+    )
+    # no gate matrix when every token uses all of directions < c at gate 1 and one scale
+    common = _uniform(np.minimum(rank, c), lo, gate_lo, gate_hi, scale)
+    gates = None
+    if common is None:
+        g = gate_matrix(rank, lo, gate_lo, gate_hi, scale, c)
+        gates = torch.from_numpy(g.reshape(len(sels), m, c)).to(device=device, dtype=dtype)
+    extra = []
+    for k, a, b in bands:
+        span = (start + k * m + a, start + k * m + b)
+        index = torch.arange(span[0], span[1], device=device)
+        extra.append(_block(tokens, sels[k][a:b], adapters[k], index, span, c, device, dtype))
+    scale = 1.0 if common is None else common
+    return GroupedPass(start, len(sels), m, tuple(adapters), first, ids, c, gates, scale, extra)
+
+
 @dataclasses.dataclass
 class TokenPlan:
     """What every adapted layer applies in one forward: ``n_tokens`` rows of the flattened input."""
@@ -177,6 +315,9 @@ class TokenPlan:
     blocks: list[AdapterBlock]
     #: The same plan as kernel segments on the device (CUDA devices only; see chunkwise.kernels).
     segments: KernelSegments | DecodeSegments | None = None
+    #: The blocks' work as one batched pass (CPU, several adapters in equal runs), else None; a
+    #: layer without stacked factors for all of its adapters runs ``blocks`` instead.
+    grouped: GroupedPass | None = None
     #: The only block when it covers every row in order (``rows`` None), else None: what a
     #: layer checks once per forward to take its folded path (set from ``blocks`` at creation;
     #: the blocks' ranks and gates may change later, their adapter and rows may not).
@@ -198,15 +339,17 @@ class TokenPlan:
         forward input of ``tokens.n_rows`` rows (rows with no planned token get no adapter);
         consecutive rows of one adapter are cut into blocks by :func:`rank_runs` at
         ``block_cost``."""
-        token_rank, token_lo, gate_lo, gate_hi = tokens.rank, tokens.lo, tokens.gate_lo, tokens.gate_hi
-        scale, token_adapter, rows, n_rows = tokens.scale, tokens.adapter, tokens.rows, tokens.n_rows
+        token_rank, rows, n_rows = tokens.rank, tokens.rows, tokens.n_rows
         full = len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))
         blocks = []
-        for adapter in np.unique(token_adapter):
-            sel = np.flatnonzero(token_adapter == adapter)
+        groups: list[tuple[int, np.ndarray, tuple[int, int] | None]] = []
+        cost = 0
+        for adapter in np.unique(tokens.adapter):
+            sel = np.flatnonzero(tokens.adapter == adapter)
             mine = rows[sel]
             everyone = full and len(sel) == n_rows
             span = (0, n_rows) if everyone else _span(mine)
+            groups.append((int(adapter), sel, span))
             # consecutive rows: the cheapest blocks of runs of equal rank (views);
             # scattered rows: one gathered block
             runs = rank_runs(token_rank[sel], block_cost) if span is not None else [(0, len(sel))]
@@ -215,22 +358,18 @@ class TokenPlan:
                 whole = everyone and len(runs) == 1
                 sub = None if whole or span is None else (span[0] + start, span[0] + stop)
                 index = None if whole else torch.from_numpy(rows[idx].astype(np.int64)).to(device)
-                rank = token_rank[idx].astype(np.int64)
-                parts = (rank, token_lo[idx], gate_lo[idx], gate_hi[idx], scale[idx])
-                r_max = int(rank.max()) if rank.size else 0
-                common = _uniform(*parts)
-                gates = None
-                if common is None:
-                    gates = torch.from_numpy(gate_matrix(*parts, r_max)).to(device=device, dtype=dtype)
-                blocks.append(
-                    AdapterBlock(int(adapter), index, gates, r_max, sub, 1.0 if common is None else common)
-                )
+                block = _block(tokens, idx, int(adapter), index, sub, 0, device, dtype)
+                cost += block_cost + len(idx) * block.max_rank if block.max_rank > 0 else 0
+                blocks.append(block)
+        grouped = None
+        if torch.device(device).type == "cpu":
+            grouped = _grouped_prefill(tokens, groups, cost, block_cost, device, dtype)
         segments = None
         if torch.device(device).type == "cuda":
             from ..kernels import KernelSegments
 
             segments = KernelSegments.from_token_arrays(tokens, device)
-        return cls(n_rows, blocks, segments)
+        return cls(n_rows, blocks, segments, grouped)
 
     @classmethod
     def from_plan(
@@ -333,6 +472,10 @@ class DecodePlan:
     the gate matrix [batch, top rank] is allocated once; :meth:`update` writes a step's
     decisions into it in place and sets each block's rank, gates view and scale. On CUDA the
     host matrix is copied to the device buffer in one copy, so a captured graph could replay.
+    On the CPU, when the adapters own equal runs of consecutive rows (one row each, say), the
+    plan also carries a :class:`GroupedPass` at the step's top rank (its gates a view of the
+    same matrix): one batched matmul pair for all adapters, where a pair per adapter cost ~3x
+    as much at 8 adapters of SmolLM2 (``python -m benches.lora_blocks --grouped``).
     """
 
     def __init__(
@@ -356,6 +499,12 @@ class DecodePlan:
             self._groups.append((int(adapter), rows, None if everyone else span, index))
             blocks.append(AdapterBlock(int(adapter), index, None, 0, None if everyone else span))
         self.plan = TokenPlan(self.batch, blocks)
+        lay = _tiling([(group[0], group[2]) for group in self._groups])
+        if lay is not None and torch.device(device).type == "cpu":
+            order, _, m = lay  # the spans tile every row: entry k is rows [k m, (k + 1) m)
+            entries = [self._groups[k][0] for k in order]
+            first, ids = _entries(entries, device)
+            self.plan.grouped = GroupedPass(0, len(order), m, tuple(entries), first, ids)
         if torch.device(device).type == "cuda":  # the kernels read fixed buffers too
             self.plan.segments = DecodeSegments(self.batch, self.adapters, device)
 
@@ -369,10 +518,16 @@ class DecodePlan:
         uniform = [
             _uniform(rank[rows], lo[rows], g_lo[rows], g_hi[rows], sc[rows]) for _, rows, _, _ in self._groups
         ]
-        if any(u is None for u in uniform):
+        grouped = self.plan.grouped
+        every = _uniform(rank, lo, g_lo, g_hi, sc) if grouped is not None else 1.0
+        if any(u is None for u in uniform) or every is None:
             gate_matrix(rank, lo, g_lo, g_hi, sc, self.top_rank, out=self._host)
             if not self._shares_memory:
                 self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
+        if grouped is not None:  # every row at the step's top rank, in one pass
+            c = int(rank.max()) if rank.size else 0
+            grouped.rank, grouped.scale = c, 1.0 if every is None else every
+            grouped.gates = None if every is not None else self._dev[:, :c].view(grouped.n, grouped.m, c)
         for block, (_, rows, span, index), common in zip(
             self.plan.blocks, self._groups, uniform, strict=True
         ):

@@ -1,0 +1,249 @@
+"""The grouped pass (several adapters in one ``bmm`` pair, CPU): outputs against a float64
+per-token reference, against the plain blocks, in decode plans, and the stacked factors held once."""
+
+from __future__ import annotations
+
+import copy
+
+import chunkwise
+import numpy as np
+import pytest
+import torch
+from chunkwise import RankLadder
+from chunkwise.adapters.ladder import LadderModule
+from chunkwise.kernels import TokenArrays
+from chunkwise.nn import ChunkwiseLinear, DecodePlan, TokenPlan
+from chunkwise.schedule import gate_matrix
+from torch import nn
+
+from tests.support.peft_helpers import assert_matches, ids_batch, logits, make_adapter, tiny_model
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
+
+IN, OUT = 12, 10
+RANKS = (8, 6, 8, 4)  # each adapter's own rank: the stack pads to 8
+
+
+def _layer(ranks=RANKS, bias_of=(1,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    current: list[TokenPlan | None] = [None]
+    layer = ChunkwiseLinear(nn.Linear(IN, OUT), lambda: current[0])
+    mods = {}
+    for i, r in enumerate(ranks):
+        bias = torch.randn(OUT, generator=g) if i in bias_of else None
+        mods[i] = LadderModule(torch.randn(r, IN, generator=g), torch.randn(OUT, r, generator=g), bias)
+        layer.add_ladder(i, mods[i], stack=False)
+    layer.stack_ladders()
+    return layer, mods, current
+
+
+def _tokens(adapters_per_entry, m, seed, rungs=(0, 2, 4, 8)):
+    """Random per-token ranks (runs of random length), cross-fade bands and scales."""
+    rng = np.random.default_rng(seed)
+    n = len(adapters_per_entry) * m
+    rank = np.empty(n, np.int32)
+    i = 0
+    while i < n:
+        k = int(rng.integers(1, 6))
+        rank[i : i + k] = rng.choice(rungs)
+        i += k
+    lo = np.minimum(rank, rng.choice(rungs, n)).astype(np.int32)
+    fade = rng.random(n) < 0.3
+    gate_lo = np.where(fade, rng.random(n), 1.0).astype(np.float32)
+    gate_hi = np.where(fade, rng.random(n), 1.0).astype(np.float32)
+    scale = rng.choice([1.0, 0.5], n).astype(np.float32)
+    adapter = np.repeat(np.asarray(adapters_per_entry, np.int32), m)
+    return TokenArrays(rank, lo, gate_lo, gate_hi, scale, adapter, np.arange(n), n)
+
+
+def _reference(x, tokens, mods):
+    """float64, token by token: ``sum_j<rank G[t, j] (A'_j x) B'_j + bias``."""
+    out = torch.zeros(len(tokens.rank), OUT, dtype=torch.float64)
+    for t in range(len(tokens.rank)):
+        mod = mods[int(tokens.adapter[t])]
+        r = min(int(tokens.rank[t]), mod.rank)
+        parts = [a[t : t + 1] for a in (tokens.rank, tokens.lo, tokens.gate_lo, tokens.gate_hi, tokens.scale)]
+        g = torch.from_numpy(gate_matrix(*parts, max(r, 1))).double()[0, :r]
+        h = (mod.a.double()[:r] @ x[t].double()) * g
+        out[t] = mod.b.double()[:, :r] @ h
+        if mod.bias is not None:
+            out[t] += mod.bias.double()
+    return out
+
+
+def _delta(layer, current, plan, x):
+    current[0] = plan
+    with torch.no_grad():
+        return (layer(x) - layer.base_layer(x)).double()
+
+
+def _rel(got, want):
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("entries", [(0, 1, 2, 3), (2, 0, 3, 1), (1, 2)])
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_pass_equals_float64_reference_and_the_blocks(entries, m, seed):
+    layer, mods, current = _layer(seed=seed)
+    tokens = _tokens(entries, m, seed)
+    x = torch.randn(len(tokens.rank), IN, generator=torch.Generator().manual_seed(seed))
+    want = _reference(x, tokens, mods)
+    plan = TokenPlan.build(tokens)
+    assert plan.grouped is not None and plan.grouped.adapters == entries
+    assert (plan.grouped.first is None) == (
+        list(entries) != list(range(entries[0], entries[0] + len(entries)))
+    )
+    assert _rel(_delta(layer, current, plan, x), want) < 1e-5
+    blocks = TokenPlan.build(tokens)
+    blocks.grouped = None  # the plain path, as a layer without a stack runs it
+    assert _rel(_delta(layer, current, blocks, x), want) < 1e-5
+
+
+@pytest.mark.parametrize("fade", [False, True])
+def test_grouped_pass_cuts_bands_above_the_common_rank(fade):
+    """Long runs: a few rank-8 runs over mostly rank-2 tokens are cheapest as a common rank 2
+    plus band blocks from direction 2 on (with cross-fades: their gates from column 2 on), and
+    the output is the same."""
+    layer, mods, current = _layer()
+    n = 4 * 64
+    rank = np.full(n, 2, np.int32)
+    rank[10:40] = 8
+    rank[150:170] = 8
+    rng = np.random.default_rng(7)
+    lo = np.where(fade, rng.choice([0, 2, 4], n), rank).astype(np.int32)
+    lo = np.minimum(lo, rank)
+    gate_lo = (rng.random(n) if fade else np.ones(n)).astype(np.float32)
+    gate_hi = (rng.random(n) if fade else np.ones(n)).astype(np.float32)
+    ones = np.ones(n, np.float32)
+    adapter = np.repeat(np.arange(4, dtype=np.int32), 64)
+    tokens = TokenArrays(rank, lo, gate_lo, gate_hi, ones, adapter, np.arange(n), n)
+    plan = TokenPlan.build(tokens, block_cost=64)
+    g = plan.grouped
+    assert g is not None and g.rank == 2 and (g.gates is None) == (not fade)
+    assert [(b.span, b.col, b.max_rank) for b in g.extra] == [((10, 40), 2, 8), ((150, 170), 2, 8)]
+    assert all((b.gates is None) == (not fade) for b in g.extra)
+    x = torch.randn(n, IN, generator=torch.Generator().manual_seed(3))
+    assert _rel(_delta(layer, current, plan, x), _reference(x, tokens, mods)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("adapters", "rows"),
+    [((0, 1), [(0, 4), (4, 9)]), ((0, 1), [(0, 4), (6, 10)]), ((0,), [(0, 8)])],
+    ids=["unequal runs", "a gap", "one adapter"],
+)
+def test_no_grouped_pass_where_the_rows_do_not_tile(adapters, rows):
+    planned = np.concatenate([np.arange(a, b) for a, b in rows])
+    adapter = np.concatenate(
+        [np.full(b - a, ad, np.int32) for ad, (a, b) in zip(adapters, rows, strict=True)]
+    )
+    n = len(planned)
+    r = np.full(n, 4, np.int32)
+    ones = np.ones(n, np.float32)
+    plan = TokenPlan.build(TokenArrays(r, r, ones, ones, ones, adapter, planned, int(planned.max()) + 1))
+    assert plan.grouped is None
+
+
+def test_layer_without_every_adapter_runs_the_blocks():
+    """Adapters 0 and 2 only (1 does not adapt this layer): no stack; the plan's grouped pass
+    over adapters 0..2 is not taken and adapter 1's rows are left alone."""
+    g = torch.Generator().manual_seed(4)
+    current: list[TokenPlan | None] = [None]
+    layer = ChunkwiseLinear(nn.Linear(IN, OUT), lambda: current[0])
+    mods = {
+        i: LadderModule(torch.randn(4, IN, generator=g), torch.randn(OUT, 4, generator=g)) for i in (0, 2)
+    }
+    for i, mod in mods.items():
+        layer.add_ladder(i, mod)
+    buffers = dict(layer.named_buffers())
+    assert (
+        buffers["ladder_a_0"].untyped_storage().data_ptr()
+        != buffers["ladder_a_2"].untyped_storage().data_ptr()
+    )
+    tokens = _tokens((0, 1, 2), 5, seed=4, rungs=(0, 4))
+    plan = TokenPlan.build(tokens)
+    assert plan.grouped is not None
+    x = torch.randn(15, IN, generator=g)
+    got = _delta(layer, current, plan, x)
+    mine = tokens.adapter != 1
+    want = torch.zeros(15, OUT, dtype=torch.float64)
+    sub = TokenArrays(
+        *(
+            a[mine]
+            for a in (tokens.rank, tokens.lo, tokens.gate_lo, tokens.gate_hi, tokens.scale, tokens.adapter)
+        ),
+        np.arange(10),
+        10,
+    )
+    want[torch.from_numpy(mine)] = _reference(x[torch.from_numpy(mine)], sub, mods)
+    assert torch.equal(got[5:10], torch.zeros(5, OUT, dtype=torch.float64))
+    assert _rel(got, want) < 1e-5
+
+
+class _Step:
+    def __init__(self, rank, lo, gate_lo, gate_hi, scale):
+        self.rank, self.lo, self.gate_lo, self.gate_hi, self.scale = rank, lo, gate_lo, gate_hi, scale
+
+
+@pytest.mark.parametrize("adapters", [(0, 1, 2, 3), (3, 3, 1, 1, 0, 0, 2, 2), (1, 0, 3, 2)])
+def test_decode_plan_grouped_steps_equal_reference(adapters):
+    layer, mods, current = _layer(seed=5)
+    batch = len(adapters)
+    dplan = DecodePlan(np.asarray(adapters), 8, "cpu", torch.float32)
+    assert dplan.plan.grouped is not None
+    for step in range(6):
+        if step % 3 == 0:  # every row at one rank, gate 1: no gate matrix
+            rank = np.full(batch, 4, np.int32)
+            lo, gl, gh, sc = (
+                rank.copy(),
+                np.ones(batch, np.float32),
+                np.ones(batch, np.float32),
+                np.ones(batch, np.float32),
+            )
+        else:
+            tk = _tokens(adapters, 1, seed=step)
+            rank, lo, gl, gh, sc = tk.rank, tk.lo, tk.gate_lo, tk.gate_hi, tk.scale
+        plan = dplan.update(_Step(rank, lo, gl, gh, sc))
+        assert plan.grouped is not None and plan.grouped.rank == int(rank.max())
+        assert (plan.grouped.gates is None) == (step % 3 == 0)
+        x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(step))
+        tokens = TokenArrays(rank, lo, gl, gh, sc, np.asarray(adapters, np.int32), np.arange(batch), batch)
+        assert _rel(_delta(layer, current, plan, x), _reference(x, tokens, mods)) < 1e-5, step
+
+
+def test_stacked_factors_are_held_once_and_follow_moves(tmp_path):
+    """inject with three adapters: each layer's factors sit in one tensor per side, and the
+    ladders' tensors are views of it (no second copy); a dtype move keeps the outputs."""
+    base = tiny_model("llama")
+    pms = [
+        make_adapter(base, tmp_path / f"a{i}", seed=i, target_modules=["q_proj", "up_proj"]) for i in range(3)
+    ]
+    ladders = [RankLadder.from_peft(tmp_path / f"a{i}") for i in range(3)]
+    m = chunkwise.inject(copy.deepcopy(base), ladders)
+    layer = m.model.get_submodule("model.layers.0.self_attn.q_proj")
+    name = "model.layers.0.self_attn.q_proj"
+    buffers = dict(layer.named_buffers())
+    storage = buffers["ladder_a_0"].untyped_storage().data_ptr()
+    for i, lad in enumerate(ladders):
+        assert buffers[f"ladder_a_{i}"].untyped_storage().data_ptr() == storage
+        assert lad.modules[name].a.untyped_storage().data_ptr() == storage
+        assert lad.modules[name].b.T.is_contiguous()
+    ids = ids_batch(3, 9, seed=2)
+    want = [logits(pm, ids[i : i + 1])[0] for i, pm in enumerate(pms)]
+    base_out = logits(base, ids)
+    for dtype in (torch.float32, torch.float64):
+        m.model.to(dtype)
+        plan = m.top_rung(ids, adapters=[0, 1, 2])
+        assert plan.grouped is not None
+        with torch.no_grad(), m.use(plan):
+            out = m.model(input_ids=ids).logits
+        for i in range(3):
+            assert_matches(out[i].float(), want[i], base_out[i])
+    moved = dict(m.model.get_submodule(name).named_buffers())
+    assert moved["ladder_a_2"].dtype == torch.float64
+    assert (
+        moved["ladder_a_2"].untyped_storage().data_ptr() == moved["ladder_a_0"].untyped_storage().data_ptr()
+    )
