@@ -1,7 +1,7 @@
 """What a prefill plan's blocks cost in the CPU torch path: the LoRA delta of SmolLM2-135M's 210
 adapted modules (random r=64 factors, their real shapes) for 256 rows laid out in blocks.
 
-    python -m benches.lora_blocks [--rounds 15]
+    python -m benches.lora_blocks [--rounds 15] [--grouped]
 
 Each layout is a :class:`~chunkwise.nn.TokenPlan` of per-token ranks cut into blocks by
 ``rank_runs`` at a given block cost (``BLOCK_COST``, as in generation, or 0: a block per run);
@@ -11,6 +11,11 @@ timed), medians of interleaved rounds. Why issue 15's S1 prefill misses with the
 each block is its own pair of BLAS calls (factors packed again, small row counts), so at equal
 rank-tokens two blocks cost ~1.4x one and four ~1.7x, and the scheduler's plan (a rank-64 head,
 rank-8/4 stretches, 3 blocks) costs more than one rank-32 block however its runs are merged.
+
+``--grouped`` times issue 15's S2 instead: eight adapters, one per row, in a prefill of 8 x 64
+rows (the scheduler's ranks of that run) and in decode steps of 8 rows, each plan as its grouped
+pass (one ``bmm`` pair over the stacked factors, bands above its common rank) and as plain
+blocks (a matmul pair per adapter and run), interleaved.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class _NoBase(torch.nn.Linear):
 
     def __init__(self, i: int, o: int) -> None:
         super().__init__(i, o, bias=False)
-        self.out = torch.zeros(ROWS, o)
+        self.out = torch.zeros(ROWS, o)  # (the output of any forward of ROWS rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out
@@ -72,11 +77,87 @@ def _plan(ranks: np.ndarray, block_cost: int) -> TokenPlan:
     return TokenPlan.build(tokens, block_cost=block_cost)
 
 
+#: The scheduler's prefill ranks of issue 15's S2 (8 prompts of 64 tokens, random r=64
+#: adapters, target mean rank 32), as (rank, tokens) runs per row; and its decode ranks (one step).
+S2_PREFILL = [
+    [(32, 52), (4, 12)],
+    [(32, 52), (4, 12)],
+    [(32, 44), (8, 20)],
+    [(64, 36), (4, 12), (32, 16)],
+    [(64, 28), (4, 12), (32, 24)],
+    [(64, 20), (4, 12), (32, 32)],
+    [(32, 20), (8, 12), (32, 32)],
+    [(8, 24), (32, 40)],
+]
+S2_DECODE = [4, 8, 4, 8, 16, 8, 8, 8]
+
+
+def grouped(rounds: int) -> int:
+    """S2's LoRA path with eight adapters: grouped pass against plain blocks."""
+    g = torch.Generator().manual_seed(0)
+    current: list[TokenPlan | None] = [None]
+    rows = {"prefill": 8 * 64, "decode": 8}
+    layers = []
+    for i, o in SHAPES * 30:
+        layer = ChunkwiseLinear(_NoBase(i, o), lambda: current[0])
+        for a in range(8):
+            lad = LadderModule(torch.randn(64, i, generator=g) * 0.02, torch.randn(o, 64, generator=g) * 0.02)
+            layer.add_ladder(a, lad, stack=False)
+        layer.stack_ladders()
+        layers.append(layer)
+    inputs = {(k, i): torch.randn(n, i, generator=g) for k, n in rows.items() for i in (576, 1536)}
+    outs = {(k, o): torch.zeros(n, o) for k, n in rows.items() for o in (192, 576, 1536)}
+    ranks = {
+        "prefill": np.concatenate([_ranks(r) for r in S2_PREFILL]),
+        "decode": np.asarray(S2_DECODE, np.int32),
+    }
+    plans: dict[str, tuple[str, TokenPlan]] = {}
+    for kind, r in ranks.items():
+        n = rows[kind]
+        ones = np.ones(n, np.float32)
+        adapter = np.repeat(np.arange(8, dtype=np.int32), n // 8)
+        tokens = TokenArrays(r, r, ones, ones, ones, adapter, np.arange(n), n)
+        plans[f"{kind}, grouped"] = (kind, TokenPlan.build(tokens))
+        blocks = TokenPlan.build(tokens)
+        blocks.grouped = None
+        plans[f"{kind}, blocks"] = (kind, blocks)
+    assert all(p.grouped is not None for name, (_, p) in plans.items() if name.endswith("grouped"))
+
+    def run(kind: str, plan: TokenPlan) -> float:
+        current[0] = plan
+        for layer in layers:  # the stubbed base returns this forward's own output buffer
+            layer.base_layer.out = outs[kind, layer.out_features]
+        t0 = time.perf_counter()
+        for layer in layers:
+            layer(inputs[kind, layer.in_features])
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(2):
+        for kind, plan in plans.values():
+            run(kind, plan)
+    for _ in range(rounds):
+        for name, (kind, plan) in plans.items():
+            times[name].append(run(kind, plan))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"LoRA path of {len(layers)} modules, 8 adapters, medians of {rounds} interleaved rounds")
+    print(f"{'plan':20s} {'passes':>6s} {'LoRA ms':>8s} {'x blocks':>8s}")
+    for name, (kind, plan) in plans.items():
+        gp = plan.grouped
+        passes = len(plan.blocks) if gp is None else 1 + len(gp.extra)
+        ratio = med[name] / med[f"{kind}, blocks"]
+        print(f"{name:20s} {passes:6d} {med[name] * 1e3:8.2f} {ratio:8.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: 15)")
+    p.add_argument("--grouped", action="store_true", help="time S2's eight adapters instead (see above)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.grouped:
+        return grouped(args.rounds)
     g = torch.Generator().manual_seed(0)
     current: list[TokenPlan | None] = [None]
     layers = []

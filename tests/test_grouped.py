@@ -131,11 +131,16 @@ def test_grouped_pass_cuts_bands_above_the_common_rank(fade):
 
 
 @pytest.mark.parametrize(
-    ("adapters", "rows"),
-    [((0, 1), [(0, 4), (4, 9)]), ((0, 1), [(0, 4), (6, 10)]), ((0,), [(0, 8)])],
-    ids=["unequal runs", "a gap", "one adapter"],
+    ("adapters", "rows", "n_rows"),
+    [
+        ((0, 1), [(0, 4), (4, 9)], 9),
+        ((0, 1), [(0, 4), (3, 8)], 10),
+        ((0,), [(0, 8)], 8),
+        ((0, 1), [(0, 3), (5, 7)], 12),
+    ],
+    ids=["unequal cells", "a run across cells", "one adapter", "spare cell"],
 )
-def test_no_grouped_pass_where_the_rows_do_not_tile(adapters, rows):
+def test_no_grouped_pass_where_the_adapters_do_not_own_a_cell_each(adapters, rows, n_rows):
     planned = np.concatenate([np.arange(a, b) for a, b in rows])
     adapter = np.concatenate(
         [np.full(b - a, ad, np.int32) for ad, (a, b) in zip(adapters, rows, strict=True)]
@@ -143,8 +148,41 @@ def test_no_grouped_pass_where_the_rows_do_not_tile(adapters, rows):
     n = len(planned)
     r = np.full(n, 4, np.int32)
     ones = np.ones(n, np.float32)
-    plan = TokenPlan.build(TokenArrays(r, r, ones, ones, ones, adapter, planned, int(planned.max()) + 1))
+    plan = TokenPlan.build(TokenArrays(r, r, ones, ones, ones, adapter, planned, n_rows))
     assert plan.grouped is None
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_cells_are_grouped_and_padding_is_left_alone(side):
+    """Four prompts of 9, 5, 7, 2 tokens padded to 9 (one adapter each): one grouped pass over
+    the 4 x 9 rows; the padding rows get exactly nothing, the tokens their reference delta."""
+    layer, mods, current = _layer(seed=6)
+    lengths, t = (9, 5, 7, 2), 9
+    entries = (2, 0, 3, 1)
+    rows = np.concatenate(
+        [k * t + (np.arange(t - n, t) if side == "left" else np.arange(n)) for k, n in enumerate(lengths)]
+    )
+    tk = _tokens(entries, t, seed=6)
+    keep = np.zeros(4 * t, bool)
+    keep[rows] = True
+    tokens = TokenArrays(
+        tk.rank[keep],
+        tk.lo[keep],
+        tk.gate_lo[keep],
+        tk.gate_hi[keep],
+        tk.scale[keep],
+        tk.adapter[keep],
+        rows,
+        4 * t,
+    )
+    plan = TokenPlan.build(tokens)
+    assert plan.grouped is not None and (plan.grouped.n, plan.grouped.m) == (4, t)
+    x = torch.randn(4 * t, IN, generator=torch.Generator().manual_seed(6))
+    got = _delta(layer, current, plan, x)
+    assert torch.equal(
+        got[~torch.from_numpy(keep)], torch.zeros(int((~keep).sum()), OUT, dtype=torch.float64)
+    )
+    assert _rel(got[torch.from_numpy(rows)], _reference(x[torch.from_numpy(rows)], tokens, mods)) < 1e-5
 
 
 def test_layer_without_every_adapter_runs_the_blocks():
@@ -231,6 +269,11 @@ def test_stacked_factors_are_held_once_and_follow_moves(tmp_path):
         assert buffers[f"ladder_a_{i}"].untyped_storage().data_ptr() == storage
         assert lad.modules[name].a.untyped_storage().data_ptr() == storage
         assert lad.modules[name].b.T.is_contiguous()
+    # a ladder whose tensors are views of a layer's stack still saves and loads as itself
+    ladders[1].save(tmp_path / "saved")
+    again = RankLadder.load(tmp_path / "saved")
+    assert all(torch.equal(again.modules[k].b, mod.b) for k, mod in ladders[1].modules.items())
+    assert all(torch.equal(again.modules[k].a, mod.a) for k, mod in ladders[1].modules.items())
     ids = ids_batch(3, 9, seed=2)
     want = [logits(pm, ids[i : i + 1])[0] for i, pm in enumerate(pms)]
     base_out = logits(base, ids)

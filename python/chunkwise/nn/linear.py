@@ -376,11 +376,10 @@ class ChunkwiseLinear(nn.Module):
             return
         assert g is not None
         if g.rank > 0:
-            xs = x2[g.start : g.stop].view(g.n, g.m, -1)
-            h = torch.bmm(xs, weights[0].transpose(1, 2))
+            h = torch.bmm(x2.view(g.n, g.m, -1), weights[0].transpose(1, 2))
             if g.gates is not None:
                 h.mul_(g.gates)
-            y2[g.start : g.stop].view(g.n, g.m, -1).baddbmm_(h, weights[1], alpha=g.scale)
+            y2.view(g.n, g.m, -1).baddbmm_(h, weights[1], alpha=g.scale)
         for block in g.extra:
             self._block_delta(x2, y2, block, self._lad[block.adapter])
         self._biases(y2, plan)

@@ -69,8 +69,9 @@ class AdapterBlock:
 class GroupedPass:
     """Every adapter of a forward in one batched matmul pair (the CPU torch path).
 
-    Rows ``[start, start + n * m)`` are ``n`` entries of ``m`` consecutive rows, entry k all of
-    adapter ``adapters[k]`` (each adapter once); one ``bmm`` and one ``baddbmm`` add
+    The forward's rows are ``n`` cells of ``m`` consecutive rows, cell k's planned tokens all
+    of adapter ``adapters[k]`` (each adapter once; its other rows, padding, are gated to 0);
+    one ``bmm`` and one ``baddbmm`` add
     ``((x A'[:rank]ᵀ) ⊙ G) B'[:, :rank]ᵀ`` of every entry's adapter, ``gates`` [n, m, rank]
     (None: every token at ``rank``, gate 1, times ``scale``). The adapters' weights are a view of
     the layer's stacked factors when ``adapters`` is ``first, first + 1, ...``, else gathered by
@@ -78,7 +79,6 @@ class GroupedPass:
     (``col == rank``); lora_B biases are added per block of :attr:`TokenPlan.blocks`.
     """
 
-    start: int
     n: int
     m: int
     adapters: tuple[int, ...]
@@ -89,24 +89,20 @@ class GroupedPass:
     scale: float = 1.0
     extra: list[AdapterBlock] = dataclasses.field(default_factory=list)
 
-    @property
-    def stop(self) -> int:
-        """One past the last row it covers."""
-        return self.start + self.n * self.m
 
-
-def _tiling(spans: list[tuple[int, tuple[int, int] | None]]) -> tuple[list[int], int, int] | None:
-    """For ``(adapter, span)`` of each adapter of a forward: ``(order, start, m)`` when there are
-    at least two, every span has the same length ``m`` and, taken in ``order`` (by start), they
-    follow each other from row ``start`` on; else None (no grouped pass)."""
-    if len(spans) < 2 or any(span is None for _, span in spans):
+def _cells(spans: list[tuple[int, tuple[int, int] | None]], n_rows: int) -> tuple[list[int], int] | None:
+    """For ``(adapter, span)`` of each adapter of a forward of ``n_rows`` rows: ``(order, m)``
+    when there are n >= 2, ``n_rows`` is n cells of m consecutive rows and each adapter's rows
+    lie in a cell of their own (cell k holds adapter ``order[k]``'s; its other rows are not
+    planned: padding); else None (no grouped pass)."""
+    n = len(spans)
+    if n < 2 or n_rows % n or any(span is None for _, span in spans):
         return None
-    order = sorted(range(len(spans)), key=lambda k: spans[k][1][0])  # type: ignore[index]
-    starts = [spans[k][1][0] for k in order]  # type: ignore[index]
-    m = spans[order[0]][1][1] - starts[0]  # type: ignore[index]
-    if m < 1 or any(spans[k][1] != (starts[0] + i * m, starts[0] + (i + 1) * m) for i, k in enumerate(order)):
+    m = n_rows // n
+    cell = [span[0] // m for _, span in spans]  # type: ignore[index]
+    if len(set(cell)) != n or any(span[1] > (k + 1) * m for k, (_, span) in zip(cell, spans, strict=True)):  # type: ignore[index]
         return None
-    return order, starts[0], m
+    return sorted(range(n), key=cell.__getitem__), m
 
 
 def _entries(adapters: list[int], device: str | torch.device) -> tuple[int | None, torch.Tensor | None]:
@@ -229,8 +225,7 @@ def _token_pieces(
 
 
 def _block(
-    tokens: TokenArrays,
-    idx: np.ndarray,
+    parts: tuple[np.ndarray, ...],
     adapter: int,
     index: torch.Tensor | None,
     span: tuple[int, int] | None,
@@ -238,15 +233,16 @@ def _block(
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> AdapterBlock:
-    """The block of planned tokens ``idx`` (their gates from direction ``col`` on)."""
-    rank = tokens.rank[idx].astype(np.int64)
-    parts = (rank, tokens.lo[idx], tokens.gate_lo[idx], tokens.gate_hi[idx], tokens.scale[idx])
+    """The block of the tokens whose (rank, lo, gate_lo, gate_hi, scale) are ``parts`` (their
+    gates from direction ``col`` on)."""
+    rank, lo, gate_lo, gate_hi, scale = parts
+    rank = rank.astype(np.int64)
     r_max = int(rank.max()) if rank.size else 0
-    common = _uniform(*parts)
+    common = _uniform(rank, lo, gate_lo, gate_hi, scale)
     gates = None
     if common is None:
-        gates = torch.from_numpy(np.ascontiguousarray(gate_matrix(*parts, r_max)[:, col:]))
-        gates = gates.to(device=device, dtype=dtype)
+        g = np.ascontiguousarray(gate_matrix(rank, lo, gate_lo, gate_hi, scale, r_max)[:, col:])
+        gates = torch.from_numpy(g).to(device=device, dtype=dtype)
     return AdapterBlock(adapter, index, gates, r_max, span, 1.0 if common is None else common, col)
 
 
@@ -258,28 +254,37 @@ def _grouped_prefill(
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> GroupedPass | None:
-    """The grouped pass of a forward whose adapters own equal runs of consecutive rows, at the
-    common rank that minimises ``block_cost + rows x rank`` plus the band blocks above it (the
-    cost :func:`rank_runs` counts); None when the layout does not allow one or ``blocks_cost``
-    (the plain blocks') is not higher."""
-    lay = _tiling([(adapter, span) for adapter, _, span in groups])
+    """The grouped pass of a forward whose adapters own a cell of rows each (a batch row each,
+    padding included), at the common rank that minimises ``block_cost + rows x rank`` plus the
+    band blocks above it (the cost :func:`rank_runs` counts; padding rows count as rank 0 under
+    the bands and at the full common rank in the pass); None when the layout does not allow one
+    or ``blocks_cost`` (the plain blocks') is not higher."""
+    lay = _cells([(adapter, span) for adapter, _, span in groups], tokens.n_rows)
     if lay is None:
         return None
-    order, start, m = lay
-    sels = [groups[k][1] for k in order]
-    ranks = [tokens.rank[sel].astype(np.int64) for sel in sels]
-    best: tuple[int, int, list[tuple[int, int, int]]] | None = None
-    for c in np.unique(np.concatenate(ranks)):
+    order, m = lay
+    n = len(order)
+    # per row of the forward: unplanned rows (padding) at rank 0, which gates them to 0
+    rank = np.zeros(tokens.n_rows, np.int64)
+    lo = np.zeros(tokens.n_rows, np.int32)
+    gate_lo, gate_hi, scale = (np.ones(tokens.n_rows, np.float32) for _ in range(3))
+    for _, sel, _ in groups:
+        at = tokens.rows[sel]
+        rank[at], lo[at], scale[at] = tokens.rank[sel], tokens.lo[sel], tokens.scale[sel]
+        gate_lo[at], gate_hi[at] = tokens.gate_lo[sel], tokens.gate_hi[sel]
+    cells = rank.reshape(n, m)
+    best: tuple[int, int, list[tuple[int, int]]] | None = None
+    for c in np.unique(rank):
         if c <= 0:
             continue
-        cost, bands = block_cost + len(sels) * m * int(c), []
-        for k, rank in enumerate(ranks):
-            above = np.maximum(rank - c, 0)
+        cost, bands = block_cost + n * m * int(c), []
+        for k in range(n):
+            above = np.maximum(cells[k] - c, 0)
             for a, b in rank_runs(above, block_cost):
                 top = int(above[a:b].max())
                 if top > 0:
                     cost += block_cost + (b - a) * top
-                    bands.append((k, a, b))
+                    bands.append((k * m + a, k * m + b))
         if best is None or cost < best[0]:
             best = (cost, int(c), bands)
     if best is None or best[0] >= blocks_cost:
@@ -287,24 +292,19 @@ def _grouped_prefill(
     _, c, bands = best
     adapters = [groups[k][0] for k in order]
     first, ids = _entries(adapters, device)
-    every = np.concatenate(sels)
-    rank = tokens.rank[every].astype(np.int64)
-    lo, gate_lo, gate_hi, scale = (
-        a[every] for a in (tokens.lo, tokens.gate_lo, tokens.gate_hi, tokens.scale)
-    )
-    # no gate matrix when every token uses all of directions < c at gate 1 and one scale
+    # no gate matrix when every row uses all of directions < c at gate 1 and one scale
     common = _uniform(np.minimum(rank, c), lo, gate_lo, gate_hi, scale)
     gates = None
     if common is None:
         g = gate_matrix(rank, lo, gate_lo, gate_hi, scale, c)
-        gates = torch.from_numpy(g.reshape(len(sels), m, c)).to(device=device, dtype=dtype)
+        gates = torch.from_numpy(g.reshape(n, m, c)).to(device=device, dtype=dtype)
     extra = []
-    for k, a, b in bands:
-        span = (start + k * m + a, start + k * m + b)
-        index = torch.arange(span[0], span[1], device=device)
-        extra.append(_block(tokens, sels[k][a:b], adapters[k], index, span, c, device, dtype))
-    scale = 1.0 if common is None else common
-    return GroupedPass(start, len(sels), m, tuple(adapters), first, ids, c, gates, scale, extra)
+    for a, b in bands:
+        index = torch.arange(a, b, device=device)
+        parts = (rank[a:b], lo[a:b], gate_lo[a:b], gate_hi[a:b], scale[a:b])
+        extra.append(_block(parts, adapters[a // m], index, (a, b), c, device, dtype))
+    scale_all = 1.0 if common is None else common
+    return GroupedPass(n, m, tuple(adapters), first, ids, c, gates, scale_all, extra)
 
 
 @dataclasses.dataclass
@@ -358,7 +358,14 @@ class TokenPlan:
                 whole = everyone and len(runs) == 1
                 sub = None if whole or span is None else (span[0] + start, span[0] + stop)
                 index = None if whole else torch.from_numpy(rows[idx].astype(np.int64)).to(device)
-                block = _block(tokens, idx, int(adapter), index, sub, 0, device, dtype)
+                parts = (
+                    token_rank[idx],
+                    tokens.lo[idx],
+                    tokens.gate_lo[idx],
+                    tokens.gate_hi[idx],
+                    tokens.scale[idx],
+                )
+                block = _block(parts, int(adapter), index, sub, 0, device, dtype)
                 cost += block_cost + len(idx) * block.max_rank if block.max_rank > 0 else 0
                 blocks.append(block)
         grouped = None
@@ -499,12 +506,12 @@ class DecodePlan:
             self._groups.append((int(adapter), rows, None if everyone else span, index))
             blocks.append(AdapterBlock(int(adapter), index, None, 0, None if everyone else span))
         self.plan = TokenPlan(self.batch, blocks)
-        lay = _tiling([(group[0], group[2]) for group in self._groups])
+        lay = _cells([(group[0], group[2]) for group in self._groups], self.batch)
         if lay is not None and torch.device(device).type == "cpu":
-            order, _, m = lay  # the spans tile every row: entry k is rows [k m, (k + 1) m)
+            order, m = lay  # every row is planned: the spans are the cells
             entries = [self._groups[k][0] for k in order]
             first, ids = _entries(entries, device)
-            self.plan.grouped = GroupedPass(0, len(order), m, tuple(entries), first, ids)
+            self.plan.grouped = GroupedPass(len(order), m, tuple(entries), first, ids)
         if torch.device(device).type == "cuda":  # the kernels read fixed buffers too
             self.plan.segments = DecodeSegments(self.batch, self.adapters, device)
 
