@@ -71,15 +71,15 @@ class _Stack:
     contiguous as ``prefix_layout`` keeps them). Each adapter's :class:`_Factors` are views of
     it, so the grouped pass reads every adapter's rank prefix with one ``bmm``."""
 
-    __slots__ = ("a", "bt", "n")
+    __slots__ = ("a", "bt", "n", "rank")
 
     def __init__(self, a: torch.Tensor, bt: torch.Tensor) -> None:
-        self.a, self.bt, self.n = a, bt, int(a.shape[0])
+        self.a, self.bt, self.n, self.rank = a, bt, int(a.shape[0]), int(a.shape[1])
 
     def weights(self, g: GroupedPass) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A' [n, rank, in], B'ᵀ [n, rank, out]) of the pass's entries, or None when one of
-        them is an adapter this layer does not have."""
-        c = g.rank
+        """(A' [n, r, in], B'ᵀ [n, r, out]) of the pass's entries, r the pass's rank clamped to
+        the stack's, or None when one of them is an adapter this layer does not have."""
+        c = min(g.rank, self.rank)
         if g.first is not None:
             if g.first + g.n > self.n:
                 return None
@@ -375,10 +375,11 @@ class ChunkwiseLinear(nn.Module):
                     self._block_delta(x2, y2, block, lad)
             return
         assert g is not None
-        if g.rank > 0:
+        r = weights[0].shape[1]  # above every adapter's own rank the directions are zeros
+        if r > 0:
             h = torch.bmm(x2.view(g.n, g.m, -1), weights[0].transpose(1, 2))
             if g.gates is not None:
-                h.mul_(g.gates)
+                h.mul_(g.gates if g.gates.shape[2] == r else g.gates[:, :, :r])
             y2.view(g.n, g.m, -1).baddbmm_(h, weights[1], alpha=g.scale)
         for block in g.extra:
             self._block_delta(x2, y2, block, self._lad[block.adapter])

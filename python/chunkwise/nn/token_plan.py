@@ -532,7 +532,7 @@ class DecodePlan:
             if not self._shares_memory:
                 self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
         if grouped is not None:  # every row at the step's top rank, in one pass
-            c = int(rank.max()) if rank.size else 0
+            c = min(int(rank.max()) if rank.size else 0, self.top_rank)  # no adapter goes higher
             grouped.rank, grouped.scale = c, 1.0 if every is None else every
             grouped.gates = None if every is not None else self._dev[:, :c].view(grouped.n, grouped.m, c)
         for block, (_, rows, span, index), common in zip(
