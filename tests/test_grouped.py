@@ -253,6 +253,24 @@ def test_decode_plan_grouped_steps_equal_reference(adapters):
         assert _rel(_delta(layer, current, plan, x), _reference(x, tokens, mods)) < 1e-5, step
 
 
+def test_stack_false_keeps_adapters_apart(tmp_path):
+    """``inject(stack=False)``: the ladders' tensors stay their own, no layer has a stack, and a
+    batch of one adapter per row still equals each adapter's PEFT output."""
+    base = tiny_model("llama")
+    pms = [make_adapter(base, tmp_path / f"a{i}", seed=i, target_modules=["v_proj"]) for i in range(2)]
+    ladders = [RankLadder.from_peft(tmp_path / f"a{i}") for i in range(2)]
+    before = [lad.modules["model.layers.0.self_attn.v_proj"].a.data_ptr() for lad in ladders]
+    m = chunkwise.inject(copy.deepcopy(base), ladders, stack=False)
+    buffers = dict(m.model.get_submodule("model.layers.0.self_attn.v_proj").named_buffers())
+    assert [buffers[f"ladder_a_{i}"].data_ptr() for i in range(2)] == before
+    ids = ids_batch(2, 9, seed=3)
+    with torch.no_grad(), m.use(m.top_rung(ids, adapters=[1, 0])):
+        out = m.model(input_ids=ids).logits
+    base_out = logits(base, ids)
+    assert_matches(out[0], logits(pms[1], ids[:1])[0], base_out[0])
+    assert_matches(out[1], logits(pms[0], ids[1:])[0], base_out[1])
+
+
 def test_stacked_factors_are_held_once_and_follow_moves(tmp_path):
     """inject with three adapters: each layer's factors sit in one tensor per side, and the
     ladders' tensors are views of it (no second copy); a dtype move keeps the outputs."""

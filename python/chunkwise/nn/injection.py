@@ -128,12 +128,15 @@ class ChunkwiseModel:
         scheduler: Scheduler | None = None,
         *,
         fold: bool = True,
+        stack: bool = True,
     ) -> None:
         """Checks every ladder against ``model``, then wraps the modules they adapt (the same as
         :func:`inject`). Raises :class:`AdapterError`, model untouched, when one does not fit.
         ``fold``: let decode steps run the base product and the shrink as one GEMM
         (:class:`ChunkwiseLinear`; hooks on a wrapped layer's ``base_layer`` then skip those
-        steps)."""
+        steps). ``stack``: on the CPU, hold several adapters' factors of a layer in one tensor
+        (the ladders' tensors become views of it) so that a batch with one adapter per row runs
+        them in one batched matmul pair (:meth:`ChunkwiseLinear.stack_ladders`)."""
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}", "model")
         if isinstance(ladders, RankLadder):
@@ -162,6 +165,7 @@ class ChunkwiseModel:
         #: The ranks of the last :meth:`generate` call (None before the first).
         self.last_trace: RankTrace | None = None
         self._fold = bool(fold)
+        self._stack = bool(stack)
         self._attach()
 
     # -- injection -------------------------------------------------------------------------
@@ -181,11 +185,11 @@ class ChunkwiseModel:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
             base = modules[name]
-            layer = ChunkwiseLinear(base, lambda: self._current, fold=self._fold)
+            layer = ChunkwiseLinear(base, lambda: self._current, fold=self._fold, stack=self._stack)
             for i, lad in enumerate(self.ladders):
                 if name in lad.modules:
                     layer.add_ladder(i, lad.modules[name], stack=False)
-            layer.stack_ladders()  # several adapters on the CPU: one tensor per side, held once
+            layer.stack_ladders()  # several adapters on the CPU: one tensor per side; folds
             setattr(parent, child, layer)
             self._wrapped[name] = (parent, base)
         params = dict(self.model.named_parameters())
@@ -344,7 +348,7 @@ def _is_peft_model(model: object) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _from_peft_model(peft_model: Any, scheduler: Scheduler | None, fold: bool) -> ChunkwiseModel:
+def _from_peft_model(peft_model: Any, scheduler: Scheduler | None, fold: bool, stack: bool) -> ChunkwiseModel:
     """Ladders of every LoRA adapter of ``peft_model``, PEFT's layers out, ladders in."""
     from peft.utils import ModulesToSaveWrapper
 
@@ -369,7 +373,7 @@ def _from_peft_model(peft_model: Any, scheduler: Scheduler | None, fold: bool) -
     for name, original in originals.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, original)
-    return ChunkwiseModel(model, ladders, scheduler, fold=fold)
+    return ChunkwiseModel(model, ladders, scheduler, fold=fold, stack=stack)
 
 
 def inject(
@@ -378,6 +382,7 @@ def inject(
     scheduler: Scheduler | None = None,
     *,
     fold: bool = True,
+    stack: bool = True,
 ) -> ChunkwiseModel:
     """Wraps every module any ladder adapts with :class:`ChunkwiseLinear`.
 
@@ -386,6 +391,8 @@ def inject(
     ``ladders``): its LoRA adapters become the ladders, in the order of ``peft_config``, named
     as in PEFT; the returned model's :meth:`ChunkwiseModel.unload` gives the base model back.
     ``fold=False`` keeps every step dispatching through the base layers (their hooks run).
+    ``stack=False`` leaves several adapters' factors apart (each its own pair of matmuls per
+    forward, the ladders' tensors untouched); see :class:`ChunkwiseModel`.
     """
     if _is_peft_model(model):
         if ladders is not None:
@@ -394,7 +401,7 @@ def inject(
                 "with ladders)",
                 "ladders",
             )
-        return _from_peft_model(model, scheduler, fold)
+        return _from_peft_model(model, scheduler, fold, stack)
     if ladders is None:
         raise AdapterError("ladders: inject needs a RankLadder or a list of them (or a PeftModel)", "ladders")
-    return ChunkwiseModel(model, ladders, scheduler, fold=fold)
+    return ChunkwiseModel(model, ladders, scheduler, fold=fold, stack=stack)

@@ -188,10 +188,16 @@ class ChunkwiseLinear(nn.Module):
     scatter only when the block's rows are not consecutive. A forward of at most
     :data:`FOLD_MAX_ROWS` rows, all of the first adapter, runs folded (module docstring) when
     ``fold`` is true, the base is a plain ``nn.Linear`` on the CPU and no gradient is recorded.
+    With ``stack`` (the default) several adapters on the CPU are stacked (:meth:`stack_ladders`)
+    and a plan's :class:`~chunkwise.nn.token_plan.GroupedPass` runs them in one ``bmm`` pair.
     """
 
     def __init__(
-        self, base_layer: nn.Module, plan_source: Callable[[], TokenPlan | None], fold: bool = True
+        self,
+        base_layer: nn.Module,
+        plan_source: Callable[[], TokenPlan | None],
+        fold: bool = True,
+        stack: bool = True,
     ) -> None:
         super().__init__()
         shape = linear_shape(base_layer)
@@ -203,6 +209,7 @@ class ChunkwiseLinear(nn.Module):
         self._lad: dict[int, _Factors] = {}
         self._sources: dict[int, LadderModule] = {}  # what add_ladder got: its tensors may be re-homed
         self._stack: _Stack | None = None
+        self._stack_enabled = stack
         self._dtype: torch.dtype | None = None  # of every factor: the base weight's
         self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
         self._fold_enabled = fold
@@ -267,10 +274,16 @@ class ChunkwiseLinear(nn.Module):
         zero-padded tensor per side, which the grouped pass reads with one ``bmm``
         (:class:`~chunkwise.nn.token_plan.GroupedPass`); the layer's buffers, and the tensors of
         the ladders it was given where it shared them, become views of it, so the factors are
-        still held once. Elsewhere, or with other adapters, it does nothing."""
+        still held once. Elsewhere, with other adapters or built with ``stack=False``, it only
+        folds (as every call does)."""
         self._stack = None
         lads = self._lad
-        if len(lads) < 2 or set(lads) != set(range(len(lads))) or lads[0].a.device.type != "cpu":
+        if (
+            not self._stack_enabled
+            or len(lads) < 2
+            or set(lads) != set(range(len(lads)))
+            or lads[0].a.device.type != "cpu"
+        ):
             self._refold()
             return
         top = max(f.rank for f in lads.values())
