@@ -309,3 +309,102 @@ def test_stacked_factors_are_held_once_and_follow_moves(tmp_path):
     assert (
         moved["ladder_a_2"].untyped_storage().data_ptr() == moved["ladder_a_0"].untyped_storage().data_ptr()
     )
+
+
+def test_replacing_an_adapter_unstacked_runs_the_new_factors():
+    """``add_ladder(i, new, stack=False)`` on a stacked layer: the stale stack is dropped at
+    once, so the grouped plan's output follows the new factors (blocks until restacked), and
+    after ``stack_ladders()`` the grouped pass does too."""
+    layer, mods, current = _layer(seed=8)
+    g = torch.Generator().manual_seed(9)
+    mods[1] = LadderModule(torch.randn(6, IN, generator=g), torch.randn(OUT, 6, generator=g))
+    layer.add_ladder(1, mods[1], stack=False)
+    tokens = _tokens((0, 1, 2, 3), 3, seed=8)
+    plan = TokenPlan.build(tokens)
+    assert plan.grouped is not None
+    x = torch.randn(12, IN, generator=g)
+    want = _reference(x, tokens, mods)
+    assert _rel(_delta(layer, current, plan, x), want) < 1e-5
+    layer.stack_ladders()
+    buffers = dict(layer.named_buffers())
+    assert (
+        buffers["ladder_a_1"].untyped_storage().data_ptr()
+        == buffers["ladder_a_3"].untyped_storage().data_ptr()
+    )
+    assert _rel(_delta(layer, current, plan, x), want) < 1e-5
+
+
+def _shared(layer, i, j):
+    buffers = dict(layer.named_buffers())
+    return (
+        buffers[f"ladder_a_{i}"].untyped_storage().data_ptr()
+        == buffers[f"ladder_a_{j}"].untyped_storage().data_ptr()
+    )
+
+
+def test_share_memory_and_no_op_moves_keep_the_stack():
+    layer, mods, current = _layer(seed=10)
+    layer.share_memory()
+    layer.float()
+    assert _shared(layer, 0, 3) and all(
+        b.is_shared() for n, b in layer.named_buffers() if n.startswith("ladder_a")
+    )
+    tokens = _tokens((0, 1, 2, 3), 2, seed=10)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(10))
+    assert _rel(_delta(layer, current, TokenPlan.build(tokens), x), _reference(x, tokens, mods)) < 1e-5
+
+
+def test_not_stacked_when_padding_or_gradients_would_change_what_is_held():
+    """Ranks 8 and 2, 2, 2 (a stack would be 2.3x their rows) and factors recording gradients
+    (training must reach the caller's tensors) stay apart; outputs and gradients are right."""
+    layer, mods, current = _layer(ranks=(8, 2, 2, 2), seed=11)
+    assert not _shared(layer, 0, 1)
+    tokens = _tokens((0, 1, 2, 3), 2, seed=11)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(11))
+    assert _rel(_delta(layer, current, TokenPlan.build(tokens), x), _reference(x, tokens, mods)) < 1e-5
+    g = torch.Generator().manual_seed(12)
+    current = [None]
+    trained = ChunkwiseLinear(nn.Linear(IN, OUT), lambda: current[0])
+    params = [
+        LadderModule(torch.randn(4, IN, generator=g), torch.randn(OUT, 4, generator=g)) for _ in range(2)
+    ]
+    for i, mod in enumerate(params):
+        mod.a.requires_grad_(True)
+        trained.add_ladder(i, mod)
+    assert not _shared(trained, 0, 1) and all(mod.a.requires_grad for mod in params)
+    current[0] = TokenPlan.build(_tokens((0, 1), 3, seed=12, rungs=(4,)))
+    trained(torch.randn(6, IN, generator=g)).sum().backward()
+    assert all(mod.a.grad is not None and bool(mod.a.grad.abs().sum() > 0) for mod in params)
+
+
+def test_band_cost_equals_counting_runs_one_by_one():
+    from chunkwise.nn.token_plan import band_cost
+
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        cells = rng.choice([0, 2, 4, 8, 16], size=(int(rng.integers(1, 5)), int(rng.integers(1, 12))))
+        c = int(rng.choice([0, 2, 4, 8]))
+        want = 0
+        for row in cells:
+            i = 0
+            while i < len(row):
+                if row[i] > c:
+                    j = i
+                    while j < len(row) and row[j] > c:
+                        j += 1
+                    want += 64 + (j - i) * int(row[i:j].max() - c)
+                    i = j
+                else:
+                    i += 1
+        assert band_cost(cells, c, 64) == want
+
+
+def test_large_cells_of_unordered_adapters_run_the_blocks():
+    """Cells above GATHER_MAX_ROWS whose adapters do not count up would gather every module's
+    weights per forward: the plan keeps the blocks; in order, the same cells are grouped."""
+    from chunkwise.nn.token_plan import GATHER_MAX_ROWS
+
+    m = GATHER_MAX_ROWS + 4
+    assert TokenPlan.build(_tokens((2, 0, 3, 1), m, seed=14)).grouped is None
+    assert TokenPlan.build(_tokens((0, 1, 2, 3), m, seed=14)).grouped is not None
+    assert TokenPlan.build(_tokens((2, 0, 3, 1), GATHER_MAX_ROWS, seed=14)).grouped is not None

@@ -27,12 +27,17 @@ from ..adapters.ladder import LadderModule, prefix_layout
 from ..errors import StateError
 from .token_plan import AdapterBlock, GroupedPass, TokenPlan
 
-__all__ = ["FOLD_MAX_ROWS", "ChunkwiseLinear", "linear_shape"]
+__all__ = ["FOLD_MAX_ROWS", "STACK_MAX_PADDING", "ChunkwiseLinear", "linear_shape"]
 
 #: The most rows a forward may have to run folded (decode steps of small batches). Above it, as
 #: in prefill, the separate shrink was as fast or faster: SmolLM2-135M, 256-token prompt, rank
 #: 32, 1.08x merged separate against 1.11x folded (2 cores, 2026-12-06).
 FOLD_MAX_ROWS = 16
+
+#: The most zero padding :meth:`ChunkwiseLinear.stack_ladders` accepts, as a share of the
+#: adapters' own rank rows: a stack holds every adapter at the largest rank, so adapters of
+#: ranks 64 and 7 x 8 would take 4.3x their memory; above this share they stay apart.
+STACK_MAX_PADDING = 0.25
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -71,23 +76,38 @@ class _Stack:
     contiguous as ``prefix_layout`` keeps them). Each adapter's :class:`_Factors` are views of
     it, so the grouped pass reads every adapter's rank prefix with one ``bmm``."""
 
-    __slots__ = ("a", "bt", "n", "rank")
+    __slots__ = ("a", "bt", "gathered", "n", "rank", "views")
 
     def __init__(self, a: torch.Tensor, bt: torch.Tensor) -> None:
         self.a, self.bt, self.n, self.rank = a, bt, int(a.shape[0]), int(a.shape[1])
+        #: (first, n, rank) -> the entries' views, made once
+        self.views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: the last gathered entries: (ids tensor, rank) and their copies (decode steps reuse them)
+        self.gathered: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def weights(self, g: GroupedPass) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A' [n, r, in], B'ᵀ [n, r, out]) of the pass's entries, r the pass's rank clamped to
         the stack's, or None when one of them is an adapter this layer does not have."""
         c = min(g.rank, self.rank)
         if g.first is not None:
-            if g.first + g.n > self.n:
-                return None
-            return self.a[g.first : g.first + g.n, :c], self.bt[g.first : g.first + g.n, :c]
+            key = (g.first, g.n, c)
+            v = self.views.get(key)
+            if v is None:
+                if g.first + g.n > self.n:
+                    return None
+                v = self.views[key] = (
+                    self.a[g.first : g.first + g.n, :c],
+                    self.bt[g.first : g.first + g.n, :c],
+                )
+            return v
         if max(g.adapters) >= self.n:
             return None
         assert g.ids is not None
-        return self.a[:, :c].index_select(0, g.ids), self.bt[:, :c].index_select(0, g.ids)
+        last = self.gathered
+        if last is None or last[0] is not g.ids or last[1] != c:
+            w = (self.a[:, :c].index_select(0, g.ids), self.bt[:, :c].index_select(0, g.ids))
+            last = self.gathered = (g.ids, c, w)
+        return last[2]
 
 
 class _Fold:
@@ -210,6 +230,7 @@ class ChunkwiseLinear(nn.Module):
         self._sources: dict[int, LadderModule] = {}  # what add_ladder got: its tensors may be re-homed
         self._stack: _Stack | None = None
         self._stack_enabled = stack
+        self._any_bias = False
         self._dtype: torch.dtype | None = None  # of every factor: the base weight's
         self._factors: tuple[tuple[int, ...], kernels.LoraFactors] | None = None
         self._fold_enabled = fold
@@ -251,7 +272,7 @@ class ChunkwiseLinear(nn.Module):
         """Attaches adapter ``adapter``'s factors (moved to the base layer's device and dtype).
         ``stack``: restack the adapters (and fold) at once (see :meth:`stack_ladders`); adding
         several, pass False and call :meth:`stack_ladders` once after the last (until then the
-        layer computes the same outputs, unstacked and unfolded)."""
+        layer computes the same outputs, unstacked)."""
         w = self.base_layer.weight
         assert isinstance(w, torch.Tensor)
         a = ladder.a.to(device=w.device, dtype=w.dtype)
@@ -261,8 +282,13 @@ class ChunkwiseLinear(nn.Module):
         self._lad[adapter] = _Factors(a, b, bias, ladder.rank)
         self._sources[adapter] = ladder
         self._dtype = w.dtype
+        self._any_bias = any(f.bias is not None for f in self._lad.values())
         if stack:
             self.stack_ladders()
+        else:  # until stack_ladders: no grouped pass, and no fold of earlier factors
+            self._stack = None
+            if self._fold is not None and adapter <= self._fold.adapter:
+                self._refold()
 
     def _register(self, adapter: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.register_buffer(f"ladder_a_{adapter}", a, persistent=False)
@@ -274,19 +300,25 @@ class ChunkwiseLinear(nn.Module):
         zero-padded tensor per side, which the grouped pass reads with one ``bmm``
         (:class:`~chunkwise.nn.token_plan.GroupedPass`); the layer's buffers, and the tensors of
         the ladders it was given where it shared them, become views of it, so the factors are
-        still held once. Elsewhere, with other adapters or built with ``stack=False``, it only
-        folds (as every call does)."""
+        held once per model (a ladder injected into two models is copied into each one's
+        stacks). Not stacked, and left as they are: factors off the CPU, adapters whose ranks
+        differ by more than :data:`STACK_MAX_PADDING` of padding, factors that record
+        gradients (training them must reach the caller's tensors), other adapter numbers, or a
+        layer built with ``stack=False``. Every call also folds (see :class:`_Fold`)."""
         self._stack = None
         lads = self._lad
+        ranks = [f.rank for f in lads.values()]
         if (
             not self._stack_enabled
             or len(lads) < 2
             or set(lads) != set(range(len(lads)))
             or lads[0].a.device.type != "cpu"
+            or len(lads) * max(ranks) > (1 + STACK_MAX_PADDING) * sum(ranks)
+            or any(f.a.requires_grad or f.b.requires_grad for f in lads.values())
         ):
             self._refold()
             return
-        top = max(f.rank for f in lads.values())
+        top = max(ranks)
         ref = lads[0].a
         a = ref.new_zeros((len(lads), top, self.in_features))
         bt = ref.new_zeros((len(lads), top, self.out_features))
@@ -317,7 +349,16 @@ class ChunkwiseLinear(nn.Module):
         self._factors = None
         self._dtype = next(iter(self._lad.values())).a.dtype if self._lad else None
         self._fold = None  # the base layer's weight moved on its own: fold again
-        self.stack_ladders()  # the moved buffers into one stack again (or none off the CPU); folds
+        stack = self._stack
+        if stack is not None and all(
+            f.a.untyped_storage().data_ptr() == stack.a.untyped_storage().data_ptr()
+            and f.b.untyped_storage().data_ptr() == stack.bt.untyped_storage().data_ptr()
+            for f in self._lad.values()
+        ):  # a move that changed nothing, or share_memory(): the buffers still view the stack
+            self._stack = _Stack(stack.a, stack.bt)
+            self._refold()
+        else:  # the moved buffers into one stack again (or none off the CPU); folds
+            self.stack_ladders()
         return out
 
     def _lora_factors(self) -> kernels.LoraFactors:
@@ -445,6 +486,8 @@ class ChunkwiseLinear(nn.Module):
     def _biases(self, y2: torch.Tensor, plan: TokenPlan) -> None:
         """lora_B's biases (``lora_bias=True``, at every rung) of every block's tokens, after a
         path that computed the blocks' products without them."""
+        if not self._any_bias:
+            return
         for block in plan.blocks:
             lad = self._lad.get(block.adapter)
             if lad is None or lad.bias is None:

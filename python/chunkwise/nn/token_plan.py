@@ -17,10 +17,11 @@ once, in the layers' dtype. Everything a layer would otherwise redo per module i
 On CPU this beats rank-grouped gathers: the LoRA matmuls are a small share of the layer, the
 extra passes over x are not. The CUDA kernels skip the zero columns instead.
 
-When several adapters share a CPU forward and each owns one run of equal length of consecutive
-rows (a batch of equal-length prompts, one adapter per row; decode steps), :class:`GroupedPass`
-runs them all in one batched matmul pair at a common rank, the few tokens above it in band
-blocks: one ``bmm`` over n adapters costs a fraction of n pairs of small matmuls.
+When several adapters share a CPU forward and each owns a cell of its own (the forward's rows
+cut into equal runs: one adapter per batch row, padding included; decode steps),
+:class:`GroupedPass` runs them all in one batched matmul pair at a common rank, the few tokens
+above it in band blocks: one ``bmm`` over n adapters costs a fraction of n pairs of small
+matmuls.
 
 :class:`DecodePlan` is the same for decode steps, with every buffer allocated once: each step
 rewrites the gates in place (the CPU twin of :class:`~chunkwise.kernels.DecodeSegments`).
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from ..kernels import KernelSegments
     from ..schedule import Plan
 
-__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "GroupedPass", "TokenPlan", "rank_runs"]
+__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "GroupedPass", "TokenPlan", "band_cost", "rank_runs"]
 
 
 @dataclasses.dataclass
@@ -105,11 +106,23 @@ def _cells(spans: list[tuple[int, tuple[int, int] | None]], n_rows: int) -> tupl
     return sorted(range(n), key=cell.__getitem__), m
 
 
-def _entries(adapters: list[int], device: str | torch.device) -> tuple[int | None, torch.Tensor | None]:
+#: The largest cell whose adapters may be gathered (entries not counting up: their weights are
+#: copied per module and forward): in decode steps the copy costs less than a matmul pair per
+#: adapter (8 adapters of SmolLM2: 10.8 against 24.4 ms per step's LoRA path), in prefill cells
+#: of 64 rows it cost more than the blocks it replaced.
+GATHER_MAX_ROWS = 16
+
+
+def _entries(
+    adapters: list[int], m: int, device: str | torch.device
+) -> tuple[int | None, torch.Tensor | None] | None:
     """``(first, None)`` when the entries' adapters count up from ``first`` (their weights are a
-    view), else ``(None, ids)`` to gather them by."""
+    view), else ``(None, ids)`` to gather them by, or None when cells of ``m`` rows are too
+    large for that (:data:`GATHER_MAX_ROWS`)."""
     if adapters == list(range(adapters[0], adapters[0] + len(adapters))):
         return adapters[0], None
+    if m > GATHER_MAX_ROWS:
+        return None
     return None, torch.tensor(adapters, dtype=torch.int64, device=device)
 
 
@@ -246,6 +259,22 @@ def _block(
     return AdapterBlock(adapter, index, gates, r_max, span, 1.0 if common is None else common, col)
 
 
+def band_cost(cells: np.ndarray, c: int, block_cost: int) -> int:
+    """``sum(block_cost + len x top)`` over the maximal runs of tokens above rank ``c`` in the
+    rows of ``cells`` [n, m] (top: the run's largest rank minus c), vectorised."""
+    above = np.maximum(cells - c, 0)
+    live = np.pad(above > 0, ((0, 0), (1, 1)))
+    edges = np.diff(live.astype(np.int8), axis=1)
+    starts, stops = np.nonzero(edges == 1), np.nonzero(edges == -1)
+    if starts[0].size == 0:
+        return 0
+    flat = above.reshape(-1)
+    begin = starts[0] * cells.shape[1] + starts[1]
+    end = stops[0] * cells.shape[1] + stops[1]
+    tops = np.maximum.reduceat(flat, begin)  # each run's max: reduceat stops at the next start
+    return int(len(begin) * block_cost + ((end - begin) * tops).sum())
+
+
 def _grouped_prefill(
     tokens: TokenArrays,
     groups: list[tuple[int, np.ndarray, tuple[int, int] | None]],
@@ -272,26 +301,27 @@ def _grouped_prefill(
         at = tokens.rows[sel]
         rank[at], lo[at], scale[at] = tokens.rank[sel], tokens.lo[sel], tokens.scale[sel]
         gate_lo[at], gate_hi[at] = tokens.gate_lo[sel], tokens.gate_hi[sel]
+    adapters = [groups[k][0] for k in order]
+    entries = _entries(adapters, m, device)
+    if entries is None:
+        return None
     cells = rank.reshape(n, m)
-    best: tuple[int, int, list[tuple[int, int]]] | None = None
+    # the common rank: each run above it one band (an upper bound of what rank_runs then finds)
+    best: tuple[int, int] | None = None
     for c in np.unique(rank):
         if c <= 0:
             continue
-        cost, bands = block_cost + n * m * int(c), []
-        for k in range(n):
-            above = np.maximum(cells[k] - c, 0)
-            for a, b in rank_runs(above, block_cost):
-                top = int(above[a:b].max())
-                if top > 0:
-                    cost += block_cost + (b - a) * top
-                    bands.append((k * m + a, k * m + b))
+        cost = block_cost + n * m * int(c) + band_cost(cells, int(c), block_cost)
         if best is None or cost < best[0]:
-            best = (cost, int(c), bands)
+            best = (cost, int(c))
     if best is None or best[0] >= blocks_cost:
         return None
-    _, c, bands = best
-    adapters = [groups[k][0] for k in order]
-    first, ids = _entries(adapters, device)
+    c = best[1]
+    bands = []
+    for k in range(n):
+        above = np.maximum(cells[k] - c, 0)
+        bands += [(k * m + a, k * m + b) for a, b in rank_runs(above, block_cost) if above[a:b].max() > 0]
+    first, ids = entries
     # no gate matrix when every row uses all of directions < c at gate 1 and one scale
     common = _uniform(np.minimum(rank, c), lo, gate_lo, gate_hi, scale)
     gates = None
@@ -315,7 +345,7 @@ class TokenPlan:
     blocks: list[AdapterBlock]
     #: The same plan as kernel segments on the device (CUDA devices only; see chunkwise.kernels).
     segments: KernelSegments | DecodeSegments | None = None
-    #: The blocks' work as one batched pass (CPU, several adapters in equal runs), else None; a
+    #: The blocks' work as one batched pass (CPU, several adapters a cell each), else None; a
     #: layer without stacked factors for all of its adapters runs ``blocks`` instead.
     grouped: GroupedPass | None = None
     #: The only block when it covers every row in order (``rows`` None), else None: what a
@@ -479,7 +509,7 @@ class DecodePlan:
     the gate matrix [batch, top rank] is allocated once; :meth:`update` writes a step's
     decisions into it in place and sets each block's rank, gates view and scale. On CUDA the
     host matrix is copied to the device buffer in one copy, so a captured graph could replay.
-    On the CPU, when the adapters own equal runs of consecutive rows (one row each, say), the
+    On the CPU, when the adapters own a cell of rows each (one row each, say), the
     plan also carries a :class:`GroupedPass` at the step's top rank (its gates a view of the
     same matrix): one batched matmul pair for all adapters, where a pair per adapter cost ~3x
     as much at 8 adapters of SmolLM2 (``python -m benches.lora_blocks --grouped``).
@@ -510,8 +540,9 @@ class DecodePlan:
         if lay is not None and torch.device(device).type == "cpu":
             order, m = lay  # every row is planned: the spans are the cells
             entries = [self._groups[k][0] for k in order]
-            first, ids = _entries(entries, device)
-            self.plan.grouped = GroupedPass(len(order), m, tuple(entries), first, ids)
+            found = _entries(entries, m, device)
+            if found is not None:
+                self.plan.grouped = GroupedPass(len(order), m, tuple(entries), *found)
         if torch.device(device).type == "cuda":  # the kernels read fixed buffers too
             self.plan.segments = DecodeSegments(self.batch, self.adapters, device)
 
