@@ -15,12 +15,14 @@ rank-8/4 stretches, 3 blocks) costs more than one rank-32 block however its runs
 ``--grouped`` times issue 15's S2 instead: eight adapters, one per row, in a prefill of 8 x 64
 rows (the scheduler's ranks of that run) and in decode steps of 8 rows, each plan as its grouped
 pass (one ``bmm`` pair over the stacked factors, bands above its common rank) and as plain
-blocks (a matmul pair per adapter and run), interleaved.
+blocks (a matmul pair per adapter and run), interleaved; decode steps as ``DecodePlan`` lays
+them out, also one where a single row runs at rank 64.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from chunkwise.adapters.ladder import LadderModule
 from chunkwise.kernels import TokenArrays
-from chunkwise.nn import ChunkwiseLinear, TokenPlan
+from chunkwise.nn import ChunkwiseLinear, DecodePlan, TokenPlan
 from chunkwise.nn.token_plan import BLOCK_COST
 
 ROWS = 256
@@ -90,6 +92,19 @@ S2_PREFILL = [
     [(8, 24), (32, 40)],
 ]
 S2_DECODE = [4, 8, 4, 8, 16, 8, 8, 8]
+#: A decode step where one row's token is hard (rank 64) and the others easy.
+S2_DECODE_SPIKE = [4, 4, 4, 4, 4, 4, 4, 64]
+
+
+@dataclasses.dataclass
+class _Step:
+    """One decode step's decisions (what ``DecodePlan.update`` reads)."""
+
+    rank: np.ndarray
+    lo: np.ndarray
+    gate_lo: np.ndarray
+    gate_hi: np.ndarray
+    scale: np.ndarray
 
 
 def grouped(rounds: int) -> int:
@@ -107,20 +122,23 @@ def grouped(rounds: int) -> int:
         layers.append(layer)
     inputs = {(k, i): torch.randn(n, i, generator=g) for k, n in rows.items() for i in (576, 1536)}
     outs = {(k, o): torch.zeros(n, o) for k, n in rows.items() for o in (192, 576, 1536)}
-    ranks = {
-        "prefill": np.concatenate([_ranks(r) for r in S2_PREFILL]),
-        "decode": np.asarray(S2_DECODE, np.int32),
-    }
     plans: dict[str, tuple[str, TokenPlan]] = {}
-    for kind, r in ranks.items():
-        n = rows[kind]
-        ones = np.ones(n, np.float32)
-        adapter = np.repeat(np.arange(8, dtype=np.int32), n // 8)
-        tokens = TokenArrays(r, r, ones, ones, ones, adapter, np.arange(n), n)
-        plans[f"{kind}, grouped"] = (kind, TokenPlan.build(tokens))
-        blocks = TokenPlan.build(tokens)
-        blocks.grouped = None
-        plans[f"{kind}, blocks"] = (kind, blocks)
+    n = rows["prefill"]
+    ones = np.ones(n, np.float32)
+    r = np.concatenate([_ranks(runs) for runs in S2_PREFILL])
+    tokens = TokenArrays(r, r, ones, ones, ones, np.repeat(np.arange(8, dtype=np.int32), 64), np.arange(n), n)
+    plans["prefill, grouped"] = ("prefill", TokenPlan.build(tokens))
+    plans["prefill, blocks"] = ("prefill", TokenPlan.build(tokens))
+    plans["prefill, blocks"][1].grouped = None
+    # decode steps as generation lays them out: a DecodePlan per step (its grouped pass, or not)
+    for name, step in (("decode", S2_DECODE), ("decode spike", S2_DECODE_SPIKE)):
+        for how in ("grouped", "blocks"):
+            dplan = DecodePlan(np.arange(8), 64, "cpu", torch.float32)
+            if how == "blocks":
+                dplan.plan.grouped = None
+            r8 = np.asarray(step, np.int32)
+            ones8 = np.ones(8, np.float32)
+            plans[f"{name}, {how}"] = ("decode", dplan.update(_Step(r8, r8, ones8, ones8, ones8)))
     assert all(p.grouped is not None for name, (_, p) in plans.items() if name.endswith("grouped"))
 
     def run(kind: str, plan: TokenPlan) -> float:
@@ -142,10 +160,10 @@ def grouped(rounds: int) -> int:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"LoRA path of {len(layers)} modules, 8 adapters, medians of {rounds} interleaved rounds")
     print(f"{'plan':20s} {'passes':>6s} {'LoRA ms':>8s} {'x blocks':>8s}")
-    for name, (kind, plan) in plans.items():
+    for name, (_, plan) in plans.items():
         gp = plan.grouped
         passes = len(plan.blocks) if gp is None else 1 + len(gp.extra)
-        ratio = med[name] / med[f"{kind}, blocks"]
+        ratio = med[name] / med[name.rsplit(",", 1)[0] + ", blocks"]
         print(f"{name:20s} {passes:6d} {med[name] * 1e3:8.2f} {ratio:8.2f}")
     return 0
 

@@ -13,6 +13,7 @@ from chunkwise import RankLadder
 from chunkwise.adapters.ladder import LadderModule
 from chunkwise.kernels import TokenArrays
 from chunkwise.nn import ChunkwiseLinear, DecodePlan, TokenPlan
+from chunkwise.nn.token_plan import DECODE_BAND_COST, DECODE_BAND_ROW, decode_rank
 from chunkwise.schedule import gate_matrix
 from torch import nn
 
@@ -246,7 +247,7 @@ def test_decode_plan_grouped_steps_equal_reference(adapters):
             tk = _tokens(adapters, 1, seed=step)
             rank, lo, gl, gh, sc = tk.rank, tk.lo, tk.gate_lo, tk.gate_hi, tk.scale
         plan = dplan.update(_Step(rank, lo, gl, gh, sc))
-        assert plan.grouped is not None and plan.grouped.rank == min(int(rank.max()), 8)
+        assert plan.grouped is not None and plan.grouped.rank <= min(int(rank.max()), 8)
         assert (plan.grouped.gates is None) == (step % 3 == 0)
         x = torch.randn(batch, IN, generator=torch.Generator().manual_seed(step))
         tokens = TokenArrays(rank, lo, gl, gh, sc, np.asarray(adapters, np.int32), np.arange(batch), batch)
@@ -408,3 +409,34 @@ def test_large_cells_of_unordered_adapters_run_the_blocks():
     assert TokenPlan.build(_tokens((2, 0, 3, 1), m, seed=14)).grouped is None
     assert TokenPlan.build(_tokens((0, 1, 2, 3), m, seed=14)).grouped is not None
     assert TokenPlan.build(_tokens((2, 0, 3, 1), GATHER_MAX_ROWS, seed=14)).grouped is not None
+
+
+def test_decode_rank_weighs_bands_against_rank_rows():
+    assert decode_rank([4, 8, 4, 8, 16, 8, 8, 8], 8) in (8, 16)  # a tie at these costs
+    assert decode_rank([4] * 7 + [64], 8) == 4  # one spike: rank 4 and a band
+    assert decode_rank([4, 64], 2) == 64  # two cells: a band costs more than the rows
+    assert decode_rank([0, 0, 0], 3) == 0 and decode_rank([], 0) == 0
+    tops = [2, 5, 9, 9, 30]
+    costs = {
+        c: 5 * c + sum(DECODE_BAND_COST + DECODE_BAND_ROW * (t - c) for t in tops if t > c) for c in set(tops)
+    }
+    assert costs[decode_rank(tops, 5)] == min(costs.values())
+
+
+def test_decode_step_with_one_rank_spike_runs_a_band():
+    """Eight adapters of rank 64, seven rows at rank 4 and one at 64 (cross-fading): the pass
+    runs at rank 4 and that row's directions [4, 64) in a band; equal to the reference."""
+    layer, mods, current = _layer(ranks=(64,) * 8, bias_of=(3,), seed=15)
+    dplan = DecodePlan(np.arange(8), 64, "cpu", torch.float32)
+    rank = np.array([4] * 7 + [64], np.int32)
+    lo = np.array([4] * 7 + [32], np.int32)
+    gate_lo = np.ones(8, np.float32)
+    gate_hi = np.array([1.0] * 7 + [0.4], np.float32)
+    scale = np.ones(8, np.float32)
+    plan = dplan.update(_Step(rank, lo, gate_lo, gate_hi, scale))
+    g = plan.grouped
+    assert g is not None and g.rank == 4 and g.gates is None
+    assert [(b.span, b.col, b.max_rank, b.gates is None) for b in g.extra] == [((7, 8), 4, 64, False)]
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(15))
+    tokens = TokenArrays(rank, lo, gate_lo, gate_hi, scale, np.arange(8, dtype=np.int32), np.arange(8), 8)
+    assert _rel(_delta(layer, current, plan, x), _reference(x, tokens, mods)) < 1e-5

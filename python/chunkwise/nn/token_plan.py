@@ -43,7 +43,16 @@ if TYPE_CHECKING:
     from ..kernels import KernelSegments
     from ..schedule import Plan
 
-__all__ = ["BLOCK_COST", "AdapterBlock", "DecodePlan", "GroupedPass", "TokenPlan", "band_cost", "rank_runs"]
+__all__ = [
+    "BLOCK_COST",
+    "AdapterBlock",
+    "DecodePlan",
+    "GroupedPass",
+    "TokenPlan",
+    "band_cost",
+    "decode_rank",
+    "rank_runs",
+]
 
 
 @dataclasses.dataclass
@@ -257,6 +266,27 @@ def _block(
         g = np.ascontiguousarray(gate_matrix(rank, lo, gate_lo, gate_hi, scale, r_max)[:, col:])
         gates = torch.from_numpy(g).to(device=device, dtype=dtype)
     return AdapterBlock(adapter, index, gates, r_max, span, 1.0 if common is None else common, col)
+
+
+#: What a band block costs in a decode step against the grouped pass's rank rows (one adapter
+#: reading one more rank row in the batched matmul): a pair of small matmuls per module ~11 us,
+#: a rank row of the bmm ~0.23 us, a band's own rank row ~2 of those (8 adapters of SmolLM2,
+#: 2-core CPU, 2026-12-07; one row at rank 64 among seven at 4: 14.1 ms per step's LoRA path as
+#: rank 4 + a band, 30.5 ms all at 64).
+DECODE_BAND_COST = 48
+DECODE_BAND_ROW = 2
+
+
+def decode_rank(tops: list[int], n: int) -> int:
+    """The common rank of a decode step's grouped pass over ``n`` cells whose largest ranks are
+    ``tops``: the one minimising ``n x c`` plus, per cell above it, ``DECODE_BAND_COST +
+    DECODE_BAND_ROW x (top - c)`` (decode reads weights: their rows are the cost)."""
+    best, rank = None, max(tops, default=0)
+    for c in sorted(set(tops), reverse=True):
+        cost = n * c + sum(DECODE_BAND_COST + DECODE_BAND_ROW * (t - c) for t in tops if t > c)
+        if best is None or cost < best:
+            best, rank = cost, c
+    return rank
 
 
 def band_cost(cells: np.ndarray, c: int, block_cost: int) -> int:
@@ -527,6 +557,7 @@ class DecodePlan:
         if self._shares_memory:
             self._dev = torch.from_numpy(self._host)
         self._groups: list[tuple[int, np.ndarray, tuple[int, int] | None, torch.Tensor | None]] = []
+        self._order: list[int] = []  # cell k of the grouped pass is group _order[k]
         blocks = []
         for adapter in np.unique(self.adapters):
             rows = np.flatnonzero(self.adapters == adapter)
@@ -543,8 +574,17 @@ class DecodePlan:
             found = _entries(entries, m, device)
             if found is not None:
                 self.plan.grouped = GroupedPass(len(order), m, tuple(entries), *found)
+                self._order = order
         if torch.device(device).type == "cuda":  # the kernels read fixed buffers too
             self.plan.segments = DecodeSegments(self.batch, self.adapters, device)
+
+    def _band(self, k: int, c: int, r: int, common: float | None) -> AdapterBlock:
+        """Cell k's directions [c, r) as a band block (gates a view of the step's matrix)."""
+        adapter, rows, _, _ = self._groups[self._order[k]]
+        span = (int(rows[0]), int(rows[-1]) + 1)
+        gates = None if common is not None else self._dev[span[0] : span[1], c:r]
+        index = self._groups[self._order[k]][3]
+        return AdapterBlock(adapter, index, gates, r, span, 1.0 if common is None else common, c)
 
     def update(self, step: StepDecisions) -> TokenPlan:
         """The plan of the next forward, from the decisions of this step (no allocation of
@@ -557,15 +597,19 @@ class DecodePlan:
             _uniform(rank[rows], lo[rows], g_lo[rows], g_hi[rows], sc[rows]) for _, rows, _, _ in self._groups
         ]
         grouped = self.plan.grouped
-        every = _uniform(rank, lo, g_lo, g_hi, sc) if grouped is not None else 1.0
+        every: float | None = 1.0
+        if grouped is not None:
+            top = [min(int(rank[self._groups[k][1]].max()), self.top_rank) for k in self._order]
+            c = decode_rank(top, grouped.n)
+            every = _uniform(np.minimum(rank, c), lo, g_lo, g_hi, sc)
         if any(u is None for u in uniform) or every is None:
             gate_matrix(rank, lo, g_lo, g_hi, sc, self.top_rank, out=self._host)
             if not self._shares_memory:
                 self._dev.copy_(torch.from_numpy(self._host), non_blocking=self._dev.is_cuda)
-        if grouped is not None:  # every row at the step's top rank, in one pass
-            c = min(int(rank.max()) if rank.size else 0, self.top_rank)  # no adapter goes higher
+        if grouped is not None:  # every cell at rank c in one pass, the cells above it in bands
             grouped.rank, grouped.scale = c, 1.0 if every is None else every
             grouped.gates = None if every is not None else self._dev[:, :c].view(grouped.n, grouped.m, c)
+            grouped.extra = [self._band(k, c, r, uniform[self._order[k]]) for k, r in enumerate(top) if r > c]
         for block, (_, rows, span, index), common in zip(
             self.plan.blocks, self._groups, uniform, strict=True
         ):
