@@ -464,7 +464,7 @@ class ChunkwiseLinear(nn.Module):
                 out = torch.mm(h, b_t)
                 if block.scale != 1.0:
                     out.mul_(block.scale)
-                if lad.bias is not None:
+                if lad.bias is not None and col == 0:
                     out.add_(lad.bias)
                 y2.index_add_(0, block.rows, out)
                 return
