@@ -355,7 +355,6 @@ class ChunkwiseLinear(nn.Module):
             and f.b.untyped_storage().data_ptr() == stack.bt.untyped_storage().data_ptr()
             for f in self._lad.values()
         ):  # a move that changed nothing, or share_memory(): the buffers still view the stack
-            self._stack = _Stack(stack.a, stack.bt)
             self._refold()
         else:  # the moved buffers into one stack again (or none off the CPU); folds
             self.stack_ladders()

@@ -100,17 +100,21 @@ class GroupedPass:
     extra: list[AdapterBlock] = dataclasses.field(default_factory=list)
 
 
-def _cells(spans: list[tuple[int, tuple[int, int] | None]], n_rows: int) -> tuple[list[int], int] | None:
-    """For ``(adapter, span)`` of each adapter of a forward of ``n_rows`` rows: ``(order, m)``
-    when there are n >= 2, ``n_rows`` is n cells of m consecutive rows and each adapter's rows
-    lie in a cell of their own (cell k holds adapter ``order[k]``'s; its other rows are not
+def _cells(spans: list[tuple[int, int] | None], n_rows: int) -> tuple[list[int], int] | None:
+    """For the row span of each adapter of a forward of ``n_rows`` rows: ``(order, m)`` when
+    there are n >= 2, ``n_rows`` is n cells of m consecutive rows and each adapter's rows lie in
+    a cell of their own (cell k holds the rows of adapter ``order[k]``; its other rows are not
     planned: padding); else None (no grouped pass)."""
     n = len(spans)
-    if n < 2 or n_rows % n or any(span is None for _, span in spans):
+    if n < 2 or n_rows % n:
         return None
     m = n_rows // n
-    cell = [span[0] // m for _, span in spans]  # type: ignore[index]
-    if len(set(cell)) != n or any(span[1] > (k + 1) * m for k, (_, span) in zip(cell, spans, strict=True)):  # type: ignore[index]
+    cell = []
+    for span in spans:
+        if span is None or span[1] > (span[0] // m + 1) * m:
+            return None
+        cell.append(span[0] // m)
+    if len(set(cell)) != n:
         return None
     return sorted(range(n), key=cell.__getitem__), m
 
@@ -318,7 +322,7 @@ def _grouped_prefill(
     band blocks above it (the cost :func:`rank_runs` counts; padding rows count as rank 0 under
     the bands and at the full common rank in the pass); None when the layout does not allow one
     or ``blocks_cost`` (the plain blocks') is not higher."""
-    lay = _cells([(adapter, span) for adapter, _, span in groups], tokens.n_rows)
+    lay = _cells([span for _, _, span in groups], tokens.n_rows)
     if lay is None:
         return None
     order, m = lay
@@ -567,7 +571,7 @@ class DecodePlan:
             self._groups.append((int(adapter), rows, None if everyone else span, index))
             blocks.append(AdapterBlock(int(adapter), index, None, 0, None if everyone else span))
         self.plan = TokenPlan(self.batch, blocks)
-        lay = _cells([(group[0], group[2]) for group in self._groups], self.batch)
+        lay = _cells([group[2] for group in self._groups], self.batch)
         if lay is not None and torch.device(device).type == "cpu":
             order, m = lay  # every row is planned: the spans are the cells
             entries = [self._groups[k][0] for k in order]
@@ -580,10 +584,9 @@ class DecodePlan:
 
     def _band(self, k: int, c: int, r: int, common: float | None) -> AdapterBlock:
         """Cell k's directions [c, r) as a band block (gates a view of the step's matrix)."""
-        adapter, rows, _, _ = self._groups[self._order[k]]
-        span = (int(rows[0]), int(rows[-1]) + 1)
+        adapter, _, span, index = self._groups[self._order[k]]
+        assert span is not None  # a cell: consecutive rows
         gates = None if common is not None else self._dev[span[0] : span[1], c:r]
-        index = self._groups[self._order[k]][3]
         return AdapterBlock(adapter, index, gates, r, span, 1.0 if common is None else common, c)
 
     def update(self, step: StepDecisions) -> TokenPlan:
@@ -599,7 +602,8 @@ class DecodePlan:
         grouped = self.plan.grouped
         every: float | None = 1.0
         if grouped is not None:
-            top = [min(int(rank[self._groups[k][1]].max()), self.top_rank) for k in self._order]
+            # cell k is rows [k m, (k + 1) m): its largest rank, as far as any adapter goes
+            top = np.minimum(rank.reshape(grouped.n, grouped.m).max(axis=1), self.top_rank).tolist()
             c = decode_rank(top, grouped.n)
             every = _uniform(np.minimum(rank, c), lo, g_lo, g_hi, sc)
         if any(u is None for u in uniform) or every is None:
